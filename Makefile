@@ -1,0 +1,31 @@
+# Set-up is part of every target: a fresh clone needs only `make run` or `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUITE ?= cvit-v1
+METHOD ?= seqlora
+
+.PHONY: install run test test-all prepare report clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0   # the CPU build; a bare `torch` pulls a multi-GB CUDA build
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: install
+	$(VENV)/bin/cvit-bench run --suite $(SUITE) --method $(METHOD)
+
+prepare: install
+	$(VENV)/bin/cvit-bench prepare --suite $(SUITE)
+
+report: install
+	$(VENV)/bin/cvit-bench report
+
+test: install
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf .cache results

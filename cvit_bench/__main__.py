@@ -1,0 +1,3 @@
+from cvit_bench.cli import main
+
+main()

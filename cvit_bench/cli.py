@@ -1,0 +1,176 @@
+"""Command line: ``cvit-bench run | prepare | ls | validate | report``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cvit_bench.data.llava_format import DataError
+from cvit_bench.registry import ConfigError, UnknownNameError
+from cvit_bench.suites.schema import SuiteError, load_suite, suite_names
+from cvit_bench.training.loop import NonFiniteLossError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Benchmark harness for continual visual instruction tuning.")
+console = Console()
+USER_ERRORS = (SuiteError, DataError, UnknownNameError, ConfigError, NonFiniteLossError)
+
+
+def fail(error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {error}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+class RichReporter:
+    """Shows stage, task, step, loss and samples/s while a run trains and evaluates."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task_id = progress.add_task("starting", total=None, info="")
+
+    def stage(self, stage: int, tasks: tuple[str, ...], steps: int) -> None:
+        self.progress.update(self.task_id, description=f"stage {stage}: train {'+'.join(tasks)}", total=steps, completed=0)
+
+    def step(self, step: int, loss: float, samples_per_s: float) -> None:
+        self.progress.update(self.task_id, completed=step, info=f"loss {loss:.3f}  {samples_per_s:.0f} samples/s")
+
+    def evaluating(self, stage: int, name: str, done: int, total: int) -> None:
+        self.progress.update(self.task_id, description=f"stage {stage}: evaluate {name}", total=None, info="")
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True)
+
+
+def _parse_options(options: list[str]) -> dict:
+    overrides = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+@app.command()
+def run(
+    suite: str = typer.Option("cvit-v1", help="suite name (see `cvit-bench ls`) or path to a suite YAML"),
+    method: str = typer.Option(..., help="method name (see `cvit-bench ls`)"),
+    seed: int = typer.Option(0, help="fixes data generation, initialisation and batch order"),
+    results_dir: Path = typer.Option(Path("results"), help="results are written to DIR/<suite>/<method>/<run-id>/"),
+    model: Optional[str] = typer.Option(None, help="local checkpoint dir or hub id (default: the suite's embedded tiny LLaVA)"),
+    data_root: Optional[Path] = typer.Option(None, help="root of LLaVA-format data for real suites"),
+    option: list[str] = typer.Option([], help="method config override KEY=VALUE (repeatable)"),
+    steps_per_task: Optional[int] = typer.Option(None, help="override the suite's training.steps_per_task"),
+    run_id: Optional[str] = typer.Option(None, help="run directory name (default seed<N>)"),
+) -> None:
+    """Train METHOD through SUITE task by task, evaluating after every stage, and write results."""
+    from cvit_bench.reporting.tables import run_summary_table
+    from cvit_bench.io import read_json
+    from cvit_bench.runner import RunOptions, run as run_suite
+
+    try:
+        options = RunOptions(load_suite(suite), method, seed, results_dir, model, data_root, _parse_options(option), steps_per_task, run_id)
+        with _progress() as progress:
+            run_dir = run_suite(options, RichReporter(progress))
+    except USER_ERRORS as error:
+        fail(error)
+    result = read_json(run_dir / "results.json")
+    console.print(run_summary_table(result))
+    console.print(f"results: {run_dir / 'results.json'}  ({result['timings']['total_s']:.0f} s)")
+
+
+@app.command()
+def prepare(suite: str = typer.Option("cvit-v1", help="suite whose base checkpoint to build")) -> None:
+    """Build (or find) the suite's deterministic tiny base checkpoint."""
+    from cvit_bench.models.base_checkpoint import prepare_base
+
+    try:
+        loaded = load_suite(suite)
+        with _progress() as progress:
+            reporter = RichReporter(progress)
+            progress.update(reporter.task_id, description="base stage (generic pretraining)")
+            directory, digest = prepare_base(loaded, report=reporter.step)
+    except USER_ERRORS as error:
+        fail(error)
+    console.print(f"base checkpoint {digest}: {directory}")
+
+
+@app.command(name="ls")
+def list_things() -> None:
+    """List suites, methods (with their config fields) and scorers."""
+    from cvit_bench.evaluation.contracts import CONTRACTS
+    from cvit_bench.evaluation.scoring import CORPUS_SCORERS, SAMPLE_SCORERS
+    from cvit_bench.methods import METHODS
+
+    suites = Table("suite", "tasks", "unseen", "description", title="suites")
+    for name in suite_names():
+        try:
+            loaded = load_suite(name)
+            suites.add_row(name, " → ".join(loaded.task_names), ", ".join(t.name for t in loaded.unseen), loaded.description)
+        except SuiteError as error:
+            suites.add_row(name, "[red]invalid[/]", "", str(error.problems[0]))
+    console.print(suites)
+    methods = Table("method", "option", "default", "help", title="methods")
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        methods.add_row(f"[bold]{name}[/]", "", "", doc)
+        for field_name, default, help_text in cls.describe_config():
+            methods.add_row("", field_name, default, help_text)
+    console.print(methods)
+    console.print("scorers: " + ", ".join([*SAMPLE_SCORERS, *CORPUS_SCORERS]))
+    console.print("format contracts: " + ", ".join(CONTRACTS))
+
+
+@app.command()
+def validate(suite: str = typer.Argument(..., help="suite name or path to a suite YAML")) -> None:
+    """Check a suite and its instruction templates; report every problem with file and field."""
+    try:
+        loaded = load_suite(suite)
+    except SuiteError as error:
+        console.print(f"[bold red]{len(error.problems)} problem(s):[/]")
+        for problem in error.problems:
+            console.print(f"  {problem}", highlight=False)
+        raise typer.Exit(code=1)
+    console.print(f"[green]ok[/]: {loaded.name} ({loaded.path}): {len(loaded.tasks)} tasks, {len(loaded.unseen)} unseen")
+
+
+@app.command()
+def report(
+    results_dir: Path = typer.Option(Path("results"), help="where run directories are"),
+    out_dir: Path = typer.Option(Path("leaderboards"), help="where leaderboard CSVs and heatmaps go"),
+    heatmaps: bool = typer.Option(True, help="write heatmap PNGs of each run's matrices next to its results.json"),
+) -> None:
+    """Rebuild leaderboard CSVs from all results, print them and draw heatmaps."""
+    from cvit_bench.reporting.heatmaps import plot_run_heatmaps
+    from cvit_bench.reporting.leaderboard import build_leaderboard, find_results, rebuild_leaderboards
+    from cvit_bench.reporting.tables import leaderboard_table
+
+    try:
+        written = rebuild_leaderboards(results_dir, out_dir)
+        for suite_name, path in sorted(written.items()):
+            results = find_results(results_dir, suite_name)
+            console.print(leaderboard_table(build_leaderboard(results)))
+            console.print(f"wrote {path}")
+            if heatmaps:
+                for result in results:
+                    plot_run_heatmaps(result, Path(result["results_path"]).parent)
+    except (*USER_ERRORS, ValueError) as error:  # leaderboard refusals (mixed data hashes, duplicates) are ValueErrors
+        fail(error)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Batches for training (answer-only labels) and for generation (left padding), via the model's processor.
+
+The processor does the model-specific work (chat template, image-token expansion,
+pixel normalisation), so the same code serves the tiny default and real checkpoints.
+Prompt and target are tokenized separately: the model is trained on exactly the
+token boundary it will see when generating after the prompt.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cvit_bench.data.samples import ImageCache, Sample
+
+
+def chat_messages(sample: Sample) -> list[dict[str, Any]]:
+    """Few-shot turns then the question, in the processor's chat-message format."""
+    messages: list[dict[str, Any]] = []
+    for turn in sample.turns:
+        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turn.prompt}]})
+        if turn.reply:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.reply}]})
+    return messages
+
+
+class Collator:
+    def __init__(self, processor: Any, images: ImageCache | None = None) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.images = images or ImageCache()
+        self._prompt_cache: dict[tuple, str] = {}
+
+    def prompt_text(self, sample: Sample) -> str:
+        key = tuple((t.prompt, t.reply) for t in sample.turns)
+        text = self._prompt_cache.get(key)
+        if text is None:
+            text = self.processor.apply_chat_template(chat_messages(sample), add_generation_prompt=True, tokenize=False)
+            self._prompt_cache[key] = text
+        return text
+
+    def _encode_prompts(self, samples: list[Sample], **kwargs) -> dict[str, Any]:
+        images = [self.images(turn.image) for s in samples for turn in s.turns]
+        return self.processor(images=images, text=[self.prompt_text(s) for s in samples], **kwargs)
+
+    def train_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        """input_ids/attention_mask/labels (right padded, loss only on target + EOS) and pixel_values."""
+        encoded = self._encode_prompts(samples)
+        eos = self.tokenizer.eos_token_id
+        sequences, label_rows = [], []
+        for prompt_ids, sample in zip(encoded["input_ids"], samples):
+            target_ids = self.tokenizer(sample.target, add_special_tokens=False)["input_ids"] + [eos]
+            sequences.append(list(prompt_ids) + target_ids)
+            label_rows.append([-100] * len(prompt_ids) + target_ids)
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(samples), width), pad, dtype=torch.long)
+        labels = torch.full((len(samples), width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, (sequence, label_row) in enumerate(zip(sequences, label_rows)):
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            labels[row, : len(label_row)] = torch.tensor(label_row)
+            attention_mask[row, : len(sequence)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch.update({k: torch.as_tensor(v) for k, v in encoded.items() if k not in ("input_ids", "attention_mask")})
+        return batch
+
+    def generation_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        """Left-padded prompts so every row's generation starts at the same position."""
+        self.tokenizer.padding_side = "left"
+        return dict(self._encode_prompts(samples, padding=True, return_tensors="pt"))
+
+    def target_length(self, samples: list[Sample]) -> int:
+        """Longest reference reply in tokens (used to bound generation length)."""
+        return max(len(self.tokenizer(s.target, add_special_tokens=False)["input_ids"]) for s in samples)

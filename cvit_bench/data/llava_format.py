@@ -1,0 +1,98 @@
+"""Reader for LLaVA-format JSON (``id``, ``image``, ``conversations``) with safe image paths.
+
+Synthetic and real suites go through this one reader, so the synthetic default
+exercises the same code a LLaVA-1.5 data release does. Image paths come from
+data files and are untrusted: absolute paths, ``..`` and symlinks that leave the
+image root are rejected.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_TOKEN = "<image>"
+
+
+class DataError(ValueError):
+    """A data file or record is invalid; the message names the file, the record and the field."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One LLaVA-format example, reduced to what training and scoring need."""
+
+    id: str
+    image: Path
+    question: str
+    answer: str
+    answers: tuple[str, ...]
+    options: tuple[str, ...] = ()
+    box: tuple[float, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+def safe_image_path(root: Path, relative: str, where: str) -> Path:
+    """Resolve ``relative`` under ``root``; refuse anything that escapes it (absolute, ``..``, symlinks)."""
+    if not isinstance(relative, str) or not relative:
+        raise DataError(f"{where}.image: expected a relative path string, got {relative!r}")
+    if Path(relative).is_absolute():
+        raise DataError(f"{where}.image: absolute path {relative!r} is not allowed (paths are relative to {root})")
+    root_resolved = root.resolve()
+    resolved = (root_resolved / relative).resolve()
+    if not resolved.is_relative_to(root_resolved):
+        raise DataError(f"{where}.image: {relative!r} escapes the image root {root}")
+    if not resolved.is_file():
+        raise DataError(f"{where}.image: file not found: {resolved}")
+    return resolved
+
+
+def _record_from_json(raw: Any, where: str, image_root: Path) -> Record:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    conversations = raw.get("conversations")
+    if not isinstance(conversations, list) or len(conversations) < 2:
+        raise DataError(f"{where}.conversations: expected a human turn and a gpt turn")
+    human, gpt = conversations[0], conversations[1]
+    if not isinstance(human, dict) or not isinstance(gpt, dict):
+        raise DataError(f"{where}.conversations: turns must be objects with 'from' and 'value'")
+    human_text, answer = human.get("value"), gpt.get("value")
+    if not isinstance(human_text, str) or IMAGE_TOKEN not in human_text:
+        raise DataError(f"{where}.conversations[0].value: the human turn must contain {IMAGE_TOKEN}")
+    if not isinstance(answer, str):
+        raise DataError(f"{where}.conversations[1].value: expected the answer text")
+    question = raw.get("question", human_text.replace(IMAGE_TOKEN, "").strip())
+    answers = raw.get("answers", [answer])
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise DataError(f"{where}.answers: expected a non-empty list of strings")
+    return Record(
+        id=str(raw.get("id", where)),
+        image=safe_image_path(image_root, raw.get("image"), where),
+        question=str(question),
+        answer=str(raw.get("answer", answer)),
+        answers=tuple(answers),
+        options=tuple(raw.get("options", ())),
+        box=tuple(float(v) for v in raw.get("box", ())),
+        meta=dict(raw.get("meta", {})),
+    )
+
+
+def read_llava_json(json_path: Path, image_root: Path | None = None) -> list[Record]:
+    """Read and validate every record of a LLaVA-format JSON file (images relative to ``image_root``)."""
+    json_path = Path(json_path)
+    image_root = Path(image_root) if image_root is not None else json_path.parent
+    try:
+        raw_records = json.loads(json_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{json_path}: file not found") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{json_path}: malformed JSON: {error}") from None
+    if not isinstance(raw_records, list):
+        raise DataError(f"{json_path}: expected a JSON list of records")
+    if not raw_records:
+        raise DataError(f"{json_path}: no records (empty task)")
+    return [
+        _record_from_json(raw, f"{json_path}: record {i} (id {raw.get('id') if isinstance(raw, dict) else '?'})", image_root)
+        for i, raw in enumerate(raw_records)
+    ]

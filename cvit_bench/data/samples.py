@@ -1,0 +1,116 @@
+"""Turn records into training/evaluation samples: phrasing, target format and few-shot context.
+
+A :class:`Sample` is everything the model sees (images, prompt turns) and everything
+the scorers need (answers, options, box, format contract), so evaluation never has
+to look back at the suite.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from cvit_bench.data.llava_format import DataError, Record
+from cvit_bench.suites.schema import Phrasing
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One user turn with its image and the assistant's reply (empty for the turn to answer)."""
+
+    image: Path
+    prompt: str
+    reply: str = ""
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    task: str
+    turns: tuple[Turn, ...]  # few-shot examples first, the question last
+    target: str
+    answer: str
+    answers: tuple[str, ...]
+    options: tuple[str, ...]
+    box: tuple[float, ...]
+    contract: str
+    phrasing_id: str
+    instruction: str  # the phrasing's prompt template, the input of SMoLoRA's instruction router
+
+    @property
+    def scoring_fields(self) -> dict:
+        """What a scorer reads, as the plain dict the scorers take."""
+        return {"answer": self.answer, "answers": list(self.answers), "options": list(self.options), "box": list(self.box)}
+
+
+def render_target(contract: str, answer: str) -> str:
+    """The reference reply in the form the phrasing's contract demands."""
+    if contract == "json_answer":
+        return json.dumps({"answer": answer})
+    if contract == "uppercase":
+        return answer.upper()
+    if contract == "lowercase_sentence":
+        return answer.lower()
+    return answer
+
+
+def phrase(record: Record, task: str, phrasing: Phrasing, shots: tuple[Record, ...] = ()) -> Sample:
+    """Apply a phrasing (and optional few-shot examples, phrased the same way) to a record."""
+    context = tuple(
+        Turn(shot.image, phrasing.prompt.format(question=shot.question), render_target(phrasing.contract, shot.answer))
+        for shot in shots
+    )
+    question = Turn(record.image, phrasing.prompt.format(question=record.question))
+    return Sample(
+        id=record.id,
+        task=task,
+        turns=context + (question,),
+        target=render_target(phrasing.contract, record.answer),
+        answer=record.answer,
+        answers=record.answers,
+        options=record.options,
+        box=record.box,
+        contract=phrasing.contract,
+        phrasing_id=phrasing.id,
+        instruction=phrasing.prompt,
+    )
+
+
+def phrase_all(
+    records: list[Record],
+    task: str,
+    phrasings: tuple[Phrasing, ...],
+    shots: int = 0,
+    shot_pool: list[Record] | None = None,
+    seed: int = 0,
+) -> list[Sample]:
+    """Phrase every record, rotating through ``phrasings``; few-shot examples come from ``shot_pool``."""
+    if shots and (not shot_pool or len(shot_pool) < shots):
+        raise DataError(f"task {task!r}: {shots}-shot evaluation needs at least {shots} training records")
+    rng = random.Random(f"{seed}-{task}-{shots}")
+    samples = []
+    for i, record in enumerate(records):
+        chosen = tuple(rng.sample(shot_pool, shots)) if shots else ()
+        samples.append(phrase(record, task, phrasings[i % len(phrasings)], chosen))
+    return samples
+
+
+class ImageCache:
+    """Loads each image once (RGB); a corrupt or unreadable file fails with its path."""
+
+    def __init__(self) -> None:
+        self._images: dict[Path, Image.Image] = {}
+
+    def __call__(self, path: Path) -> Image.Image:
+        image = self._images.get(path)
+        if image is None:
+            try:
+                with Image.open(path) as opened:
+                    image = opened.convert("RGB")
+            except (OSError, UnidentifiedImageError) as error:
+                raise DataError(f"{path}: cannot read image ({error})") from None
+            self._images[path] = image
+        return image

@@ -1,0 +1,120 @@
+"""The Method interface: explicit hooks the training loop and the runner call.
+
+Every hook is defined here as a no-op, so a method overrides only what it changes
+and the runner never asks ``hasattr``. Hooks return what they produce (a model, a
+dataset, a loss term) rather than mutating shared state.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, ContextManager
+
+import torch
+from torch import nn
+
+from cvit_bench.data.samples import Sample
+from cvit_bench.models.backend import projector_parameters, vision_parameters
+from cvit_bench.registry import Registry
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One training stage: which tasks it trains on, for how many steps, and which matrix rows its evaluation fills."""
+
+    tasks: tuple[str, ...]
+    steps: int
+    rows: tuple[int, ...]
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field whose help text ``cvit-bench ls`` prints."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Fields shared by every method."""
+
+    lr: float | None = option(None, "learning rate; overrides the suite's training.lr when set")
+
+
+class Method:
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config or self.config_class()
+
+    # --- schedule -----------------------------------------------------------
+    def stage_plan(self, tasks: list[str], steps_per_task: int) -> list[StagePlan]:
+        """Default: one stage per task, in order, filling row ``i`` after task ``i``."""
+        return [StagePlan((task,), steps_per_task, (i,)) for i, task in enumerate(tasks, start=1)]
+
+    # --- model --------------------------------------------------------------
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Attach adapters / choose trainable parameters. Default: train projector + LLM, freeze the vision tower."""
+        for parameter in vision_parameters(model):
+            parameter.requires_grad_(False)
+        return model
+
+    def parameter_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        lr = self.config.lr or lr
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    # --- training hooks -----------------------------------------------------
+    def before_stage(self, stage: int, tasks: tuple[str, ...], model: nn.Module) -> None:
+        """Called before stage ``stage`` trains."""
+
+    def train_data(self, stage: int, samples: list[Sample]) -> list[Sample]:
+        """The samples the stage trains on (replay mixes memory in here)."""
+        return samples
+
+    def extra_loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
+        """A regulariser added to the cross-entropy (EWC, LwF, O-LoRA)."""
+        return None
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Gradient surgery between backward and the optimizer step (gradient projection)."""
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Weight updates after each step (EMA)."""
+
+    def after_stage(self, stage: int, model: nn.Module, samples: list[Sample], collator) -> dict[str, Any]:
+        """Consolidate after a stage (freeze, store bases, Fisher). Returns facts to record in the results."""
+        return {}
+
+    # --- evaluation ---------------------------------------------------------
+    def eval_context(self, task: str, model: nn.Module) -> ContextManager:
+        """Set up routing for evaluating ``task`` (task selectors, routers)."""
+        return contextlib.nullcontext()
+
+    def trains(self) -> bool:
+        return True
+
+    # --- resume -------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Method state that is not a model parameter (routers, Fisher, bases, EMA)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    @classmethod
+    def describe_config(cls) -> list[tuple[str, str, str]]:
+        """(field, default, help) for ``cvit-bench ls``."""
+        rows = []
+        for f in fields(cls.config_class):
+            rows.append((f.name, repr(f.default), f.metadata.get("help", "")))
+        return rows
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def freeze_all_but_projector(model: nn.Module) -> None:
+    """Adapter methods train only their adapters and the projector, as LLaVA-style CVIT does."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in projector_parameters(model):
+        parameter.requires_grad_(True)

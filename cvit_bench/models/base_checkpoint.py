@@ -1,0 +1,112 @@
+"""Build the deterministic base checkpoint of the embedded default (``cvit-bench prepare``).
+
+Like LLaVA-1.5 before CVIT, the tiny model first gets a generic image-text stage
+(naming shapes, colours, counts, positions, places, reading glyphs) in plain
+phrasing, so every continual task starts from a model that can see, but none of
+the tasks' answer formats is taught. The result is cached by a hash of everything
+that determines it; the hash is recorded in every result.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cvit_bench.data.collate import Collator
+from cvit_bench.data.samples import phrase_all
+from cvit_bench.methods.base import Method
+from cvit_bench.models.tiny import TinyLlavaConfig, build_model, build_processor, save_tiny, train_tokenizer
+from cvit_bench.paths import cache_dir, config_hash, tree_hash
+from cvit_bench.suites import synthetic
+from cvit_bench.suites.materialize import PRETRAIN_TASK, SuiteData, materialize_pretrain_corpus
+from cvit_bench.suites.schema import TEMPLATES_DIR, Phrasing, Suite, SuiteError, TrainingConfig
+from cvit_bench.training.loop import train_stage
+
+PLAIN = Phrasing("pretrain/plain", "{question}", "sentence")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 5e-4
+    size: int = 4000
+
+
+class _TrainEverything(Method):
+    """The base stage trains the whole model, vision tower included (it starts from random weights)."""
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+
+def _section(suite: Suite, key: str, cls):
+    raw = suite.model.get(key) or {}
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise SuiteError([f"{suite.path}: model.{key}: unknown key(s) {unknown} (allowed: {sorted(allowed)})"])
+    return cls(**raw)
+
+
+def tiny_configs(suite: Suite) -> tuple[TinyLlavaConfig, PretrainConfig]:
+    tiny = _section(suite, "tiny", TinyLlavaConfig)
+    if tiny.image_size != suite.image_size:
+        raise SuiteError([f"{suite.path}: model.tiny.image_size ({tiny.image_size}) must equal data.image_size ({suite.image_size})"])
+    return tiny, _section(suite, "pretrain", PretrainConfig)
+
+
+def _tokenizer_texts(data: SuiteData) -> list[str]:
+    """Pretraining corpus, every instruction phrasing, and every vocabulary item in each target form."""
+    texts = [f"{r.question}\n{r.answer}" for r in data.records(PRETRAIN_TASK, "train")]
+    texts += [path.read_text(encoding="utf-8") for path in sorted(TEMPLATES_DIR.glob("*.yaml"))]
+    vocabulary = [*synthetic.words(), *synthetic.shape_names(), *synthetic.colour_names(), *synthetic.place_names()]
+    for item in vocabulary + ["yes", "no", "unanswerable", *"ABCD", *map(str, range(10))]:
+        texts += [item, item.upper(), json.dumps({"answer": item})]
+    return texts
+
+
+def base_checkpoint_hash(suite: Suite, data: SuiteData) -> str:
+    """Hash of everything that determines the base checkpoint: architecture, stage config, corpus, phrasings."""
+    tiny, pretrain = tiny_configs(suite)
+    return config_hash(
+        {
+            "tiny": tiny.to_dict(),
+            "pretrain": pretrain.__dict__,
+            "corpus": tree_hash(data.root / PRETRAIN_TASK),
+            "templates": tree_hash(TEMPLATES_DIR),
+        }
+    )
+
+
+def prepare_base(suite: Suite, report: Callable[[int, float, float], None] | None = None) -> tuple[Path, str]:
+    """Directory of the base checkpoint for ``suite`` (built if absent) and its hash."""
+    tiny, pretrain = tiny_configs(suite)
+    data = materialize_pretrain_corpus(suite, pretrain.size)
+    digest = base_checkpoint_hash(suite, data)
+    target = cache_dir() / "models" / f"tiny-llava-{digest}"
+    if (target / "config.json").is_file():
+        return target, digest
+    tokenizer = train_tokenizer(_tokenizer_texts(data), tiny.vocab_size)
+    processor = build_processor(tokenizer, tiny)
+    model = build_model(tokenizer, tiny)
+    samples = phrase_all(data.records(PRETRAIN_TASK, "train"), PRETRAIN_TASK, (PLAIN,))
+    torch.manual_seed(tiny.init_seed)
+    config = TrainingConfig(steps_per_task=pretrain.steps, batch_size=pretrain.batch_size, lr=pretrain.lr, warmup_steps=50)
+    train_stage(model, _TrainEverything(), samples, Collator(processor), config, steps=pretrain.steps, seed=f"pretrain-{digest}", report=report)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        save_tiny(model, processor, staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target, digest

@@ -1,0 +1,27 @@
+"""Where cached data and base checkpoints live (``CVIT_BENCH_CACHE`` overrides)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from cvit_bench.suites.schema import REPO_ROOT
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CVIT_BENCH_CACHE", REPO_ROOT / ".cache"))
+
+
+def config_hash(obj: object, length: int = 16) -> str:
+    """Stable short hash of a JSON-able config (key order does not matter)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def tree_hash(root: Path) -> str:
+    """Hash of every file's relative path and bytes under ``root`` (the data hash recorded in results)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,138 @@
+"""Leaderboards rebuilt from finished results: one row per method, mean and std over seeds.
+
+A leaderboard is derived data. It is always rebuilt from every complete `results.json`, never
+appended to, so deleting or re-running a run is reflected by rebuilding.
+
+Std is the sample standard deviation (ddof=1), the usual estimate of seed-to-seed spread in
+papers. With a single seed there is no estimate, so std is NaN (an empty CSV cell) rather than
+0.0, which would read as "perfectly stable"; `n_seeds` sits next to it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from filelock import FileLock
+
+from cvit_bench.io import atomic_write_text, read_json
+
+METRIC_COLUMNS = [
+    "AP", "MAP", "MFT", "BWT", "forgetting", "FWT", "MIF",
+    "IF-AP", "IF-BWT", "unseen_AP", "heldout_AP", "robustness_gap",
+]
+# Runs that differ in any of these measure different things and must not share a mean.
+SETUP_FIELDS = ("data_hash", "method_config", "base_checkpoint_hash")
+COLUMNS = [
+    "method",
+    *(f"{metric}_{stat}" for metric in METRIC_COLUMNS for stat in ("mean", "std")),
+    "n_seeds", "seeds", "wall_time_s_mean",
+]
+
+
+def find_results(results_dir: Path, suite: str | None = None) -> list[dict]:
+    """Every complete run under `results_dir/<suite>/<method>/<run_id>/results.json`, by path.
+
+    Runs still in progress (or crashed) have another status and are skipped. Each returned dict
+    gains a `results_path` key so errors about a run can name its file.
+    """
+    results = []
+    for path in sorted(Path(results_dir).glob("*/*/*/results.json")):
+        result = read_json(path)
+        run_info = result.get("run_info", {})
+        if run_info.get("status") != "complete" or (suite is not None and run_info.get("suite") != suite):
+            continue
+        result["results_path"] = str(path)
+        results.append(result)
+    return results
+
+
+def build_leaderboard(results: list[dict]) -> pd.DataFrame:
+    """One row per method, best AP first (ties by method name), values rounded to 2 decimals.
+
+    A metric's mean is NaN when any seed lacks it: averaging only the seeds that have it
+    would silently compare different samples across methods.
+    """
+    suites = sorted({result["run_info"]["suite"] for result in results})
+    if len(suites) > 1:
+        raise ValueError(f"a leaderboard covers one suite, got results from {suites}")
+    runs_by_method = defaultdict(list)
+    for result in results:
+        runs_by_method[result["run_info"]["method"]].append(result)
+    rows = [_method_row(method, runs) for method, runs in runs_by_method.items()]
+    board = pd.DataFrame(rows, columns=COLUMNS).round(2)
+    board = board.sort_values(["AP_mean", "method"], ascending=[False, True], na_position="last", kind="mergesort")
+    return board.reset_index(drop=True)
+
+
+def write_leaderboard(df: pd.DataFrame, path: Path) -> None:
+    """Byte-deterministic CSV, written atomically under a file lock shared with concurrent rebuilds."""
+    buffer = io.StringIO()
+    df.to_csv(buffer, index=False, float_format="%.2f", lineterminator="\n")
+    with FileLock(str(path) + ".lock"):
+        atomic_write_text(path, buffer.getvalue())
+
+
+def rebuild_leaderboards(results_dir: Path, out_dir: Path) -> dict[str, Path]:
+    """Rewrite `out_dir/<suite>.csv` from scratch for every suite with complete results."""
+    results_by_suite = defaultdict(list)
+    for result in find_results(results_dir):
+        results_by_suite[result["run_info"]["suite"]].append(result)
+    written = {}
+    for suite, results in sorted(results_by_suite.items()):
+        written[suite] = Path(out_dir) / f"{suite}.csv"
+        write_leaderboard(build_leaderboard(results), written[suite])
+    return written
+
+
+def _method_row(method: str, runs: list[dict]) -> dict:
+    # Sorting by seed fixes the summation order, so the mean's last bits do not depend on discovery order.
+    runs = sorted(runs, key=lambda run: run["run_info"]["seed"])
+    _refuse_duplicate_seeds(method, runs)
+    _refuse_mixed_setups(method, runs)
+    row = {"method": method}
+    for metric in METRIC_COLUMNS:
+        values = np.array([_as_float(run["metrics"].get(metric)) for run in runs])
+        row[f"{metric}_mean"] = values.mean()
+        row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+    row["n_seeds"] = len(runs)
+    row["seeds"] = ";".join(str(run["run_info"]["seed"]) for run in runs)
+    row["wall_time_s_mean"] = np.mean([run["timings"]["total_s"] for run in runs])
+    return row
+
+
+def _refuse_duplicate_seeds(method: str, runs_sorted_by_seed: list[dict]) -> None:
+    for first, second in zip(runs_sorted_by_seed, runs_sorted_by_seed[1:]):
+        if first["run_info"]["seed"] == second["run_info"]["seed"]:
+            raise ValueError(
+                f"two runs of {method} with seed {first['run_info']['seed']}: "
+                f"{_describe(first)} and {_describe(second)}; remove one and rebuild"
+            )
+
+
+def _refuse_mixed_setups(method: str, runs: list[dict]) -> None:
+    reference = runs[0]
+    for run in runs[1:]:
+        for field in SETUP_FIELDS:
+            if _canonical(reference["run_info"].get(field)) != _canonical(run["run_info"].get(field)):
+                raise ValueError(
+                    f"refusing to average {method} runs with different {field}: "
+                    f"{_describe(reference)} and {_describe(run)}"
+                )
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _describe(run: dict) -> str:
+    info = run["run_info"]
+    return run.get("results_path") or f"{info['method']} seed {info['seed']} finished {info.get('finished')}"
+
+
+def _as_float(value: float | None) -> float:
+    return np.nan if value is None else float(value)

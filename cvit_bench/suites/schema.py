@@ -1,0 +1,303 @@
+"""Suite and instruction-template YAML: schema, loading and validation.
+
+Suites and templates are data (``yaml.safe_load``, nothing executed). Validation
+collects *every* problem with its file and field before failing, so a user fixes
+a broken suite in one pass instead of one error at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cvit_bench.registry import unknown_name_message
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SUITES_DIR = REPO_ROOT / "task_suites"
+TEMPLATES_DIR = REPO_ROOT / "instruction_templates"
+INSTRUCTION_SETTINGS = ("single", "multi")
+DATA_SOURCES = ("synthetic", "llava")
+
+
+class SuiteError(ValueError):
+    """A suite or template file is invalid; the message names every file and field at fault."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid suite:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class Phrasing:
+    """One instruction phrasing: a prompt with ``{question}`` and the format contract its answers obey."""
+
+    id: str
+    prompt: str
+    contract: str
+
+
+@dataclass(frozen=True)
+class TemplateSet:
+    """Phrasings for one task type: ``train[0]`` is the single-type setting, all of ``train`` the multi-type one."""
+
+    task_type: str
+    path: Path
+    train: tuple[Phrasing, ...]
+    heldout: tuple[Phrasing, ...]
+
+    def training_phrasings(self, setting: str) -> tuple[Phrasing, ...]:
+        return self.train[:1] if setting == "single" else self.train
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str
+    template: TemplateSet
+    scorer: str
+    train_size: int = 0
+    test_size: int = 0
+    shots: tuple[int, ...] = (0,)
+    data: str | None = None  # real suites: folder (relative to --data-root) holding train.json / test.json
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    steps_per_task: int = 200
+    batch_size: int = 16
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    batch_size: int = 48
+    max_new_tokens_margin: int = 4
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path
+    description: str
+    data_source: str
+    seed: int
+    image_size: int
+    instruction_setting: str
+    tasks: tuple[TaskSpec, ...]
+    unseen: tuple[TaskSpec, ...]
+    training: TrainingConfig
+    evaluation: EvaluationConfig
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+_TOP_KEYS = {"name", "description", "data", "model", "instruction_setting", "training", "evaluation", "tasks", "unseen"}
+_TASK_KEYS = {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data"}
+_TEMPLATE_KEYS = {"task_type", "train", "heldout"}
+_PHRASING_KEYS = {"prompt", "contract"}
+
+
+def _read_yaml(path: Path, problems: list[str]) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(f"{path}: file not found")
+    except yaml.YAMLError as error:
+        problems.append(f"{path}: malformed YAML: {error}".replace("\n", " "))
+    return None
+
+
+def _unknown_keys(where: str, mapping: dict, allowed: set[str], problems: list[str]) -> None:
+    for key in sorted(set(mapping) - allowed):
+        problems.append(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def load_templates(task_type: str, problems: list[str], templates_dir: Path | None = None) -> TemplateSet | None:
+    """Read ``instruction_templates/<task_type>.yaml``; every phrasing needs a prompt with {question} and a known contract."""
+    from cvit_bench.evaluation.contracts import CONTRACTS
+
+    path = (templates_dir or TEMPLATES_DIR) / f"{task_type}.yaml"
+    data = _read_yaml(path, problems)
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a mapping at the top level")
+        return None
+    _unknown_keys(str(path), data, _TEMPLATE_KEYS, problems)
+    groups: dict[str, list[Phrasing]] = {}
+    for group in ("train", "heldout"):
+        entries = data.get(group)
+        if not isinstance(entries, list) or not entries:
+            problems.append(f"{path}: {group}: expected a non-empty list of phrasings")
+            continue
+        groups[group] = []
+        for i, entry in enumerate(entries):
+            where = f"{path}: {group}[{i}]"
+            if not isinstance(entry, dict):
+                problems.append(f"{where}: expected a mapping with 'prompt' and 'contract'")
+                continue
+            _unknown_keys(where, entry, _PHRASING_KEYS, problems)
+            prompt, contract = entry.get("prompt"), entry.get("contract")
+            if not isinstance(prompt, str) or "{question}" not in prompt:
+                problems.append(f"{where}.prompt: must be a string containing '{{question}}'")
+            if contract is None:
+                problems.append(f"{where}.contract: missing (every phrasing needs a format contract)")
+            elif contract not in CONTRACTS:
+                problems.append(f"{where}.contract: {unknown_name_message('contract', str(contract), list(CONTRACTS))}")
+            groups[group].append(Phrasing(f"{task_type}/{group}/{i}", str(prompt), str(contract)))
+    if set(groups) != {"train", "heldout"}:
+        return None
+    return TemplateSet(task_type, path, tuple(groups["train"]), tuple(groups["heldout"]))
+
+
+def _positive_int(where: str, value: Any, problems: list[str], allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        problems.append(f"{where}: expected a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+        return 0
+    return value
+
+
+def _dataclass_from(cls, where: str, mapping: Any, problems: list[str]):
+    if mapping is None:
+        return cls()
+    if not isinstance(mapping, dict):
+        problems.append(f"{where}: expected a mapping")
+        return cls()
+    allowed = {f.name: f for f in fields(cls)}
+    _unknown_keys(where, mapping, set(allowed), problems)
+    values = {}
+    for key, value in mapping.items():
+        if key not in allowed:
+            continue
+        expected = type(getattr(cls(), key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or isinstance(value, bool):
+            problems.append(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
+            continue
+        values[key] = value
+    return cls(**values)
+
+
+def _load_task(where: str, entry: Any, data_source: str, problems: list[str], templates_dir: Path | None) -> TaskSpec | None:
+    from cvit_bench.evaluation.scoring import CORPUS_SCORERS, SAMPLE_SCORERS
+
+    if not isinstance(entry, dict):
+        problems.append(f"{where}: expected a mapping")
+        return None
+    _unknown_keys(where, entry, _TASK_KEYS, problems)
+    name, kind = entry.get("name"), entry.get("kind", entry.get("name"))
+    if not isinstance(name, str) or not name:
+        problems.append(f"{where}.name: missing")
+        return None
+    if data_source == "synthetic":
+        from cvit_bench.suites.synthetic import TASK_KINDS
+
+        if kind not in TASK_KINDS:
+            problems.append(f"{where}.kind: {unknown_name_message('task kind', str(kind), list(TASK_KINDS))}")
+    elif not isinstance(entry.get("data"), str):
+        problems.append(f"{where}.data: real (llava) suites need the task's data folder relative to the data root")
+    scorer = entry.get("scorer")
+    valid_scorers = [*SAMPLE_SCORERS, *CORPUS_SCORERS]
+    if scorer not in valid_scorers:
+        problems.append(f"{where}.scorer: {unknown_name_message('scorer', str(scorer), valid_scorers)}")
+    template_name = entry.get("template")
+    template = None
+    if not isinstance(template_name, str):
+        problems.append(f"{where}.template: missing (name of a file in instruction_templates/)")
+    else:
+        template = load_templates(template_name, problems, templates_dir)
+    shots = entry.get("shots", [0])
+    if not isinstance(shots, list) or not all(isinstance(s, int) and s >= 0 for s in shots):
+        problems.append(f"{where}.shots: expected a list of non-negative integers")
+        shots = [0]
+    train_size = _positive_int(f"{where}.train_size", entry.get("train_size", 0), problems, allow_zero=True)
+    test_size = _positive_int(f"{where}.test_size", entry.get("test_size", 1), problems)
+    if template is None:
+        return None
+    return TaskSpec(name, str(kind), template, str(scorer), train_size, test_size, tuple(shots), entry.get("data"))
+
+
+def resolve_suite_path(name_or_path: str) -> Path:
+    """A registered suite name (``cvit-v1``) or a path to a YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise SuiteError([f"{candidate}: file not found"])
+        return candidate
+    path = SUITES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise SuiteError([unknown_name_message("suite", name_or_path, suite_names())])
+    return path
+
+
+def suite_names() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
+    """Load and validate a suite; raises :class:`SuiteError` listing every problem found."""
+    path = resolve_suite_path(name_or_path)
+    problems: list[str] = []
+    data = _read_yaml(path, problems)
+    if data is not None and not isinstance(data, dict):
+        problems.append(f"{path}: expected a mapping at the top level")
+    if problems:
+        raise SuiteError(problems)
+    where = str(path)
+    _unknown_keys(where, data, _TOP_KEYS, problems)
+    data_section = data.get("data") or {}
+    if not isinstance(data_section, dict):
+        problems.append(f"{where}: data: expected a mapping")
+        data_section = {}
+    _unknown_keys(f"{where}: data", data_section, {"source", "seed", "image_size"}, problems)
+    source = data_section.get("source", "synthetic")
+    if source not in DATA_SOURCES:
+        problems.append(f"{where}: data.source: expected one of {DATA_SOURCES}, got {source!r}")
+    setting = data.get("instruction_setting", "single")
+    if setting not in INSTRUCTION_SETTINGS:
+        problems.append(f"{where}: instruction_setting: expected one of {INSTRUCTION_SETTINGS}, got {setting!r}")
+    tasks_raw, unseen_raw = data.get("tasks"), data.get("unseen") or []
+    if not isinstance(tasks_raw, list) or not tasks_raw:
+        problems.append(f"{where}: tasks: expected a non-empty list of tasks")
+        tasks_raw = []
+    if not isinstance(unseen_raw, list):
+        problems.append(f"{where}: unseen: expected a list of tasks")
+        unseen_raw = []
+    tasks = [_load_task(f"{where}: tasks[{i}]", t, source, problems, templates_dir) for i, t in enumerate(tasks_raw)]
+    unseen = [_load_task(f"{where}: unseen[{i}]", t, source, problems, templates_dir) for i, t in enumerate(unseen_raw)]
+    for i, task in enumerate(tasks):
+        if task is not None and source == "synthetic" and task.train_size == 0:
+            problems.append(f"{where}: tasks[{i}].train_size: a training task needs train_size > 0")
+    names = [t.name for t in tasks + unseen if t is not None]
+    for duplicate in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{where}: task name {duplicate!r} is used twice")
+    model = data.get("model") or {}
+    if not isinstance(model, dict):
+        problems.append(f"{where}: model: expected a mapping")
+        model = {}
+    suite = Suite(
+        name=str(data.get("name", path.stem)),
+        path=path,
+        description=str(data.get("description", "")),
+        data_source=str(source),
+        seed=_positive_int(f"{where}: data.seed", data_section.get("seed", 0), problems, allow_zero=True),
+        image_size=_positive_int(f"{where}: data.image_size", data_section.get("image_size", 64), problems),
+        instruction_setting=str(setting),
+        tasks=tuple(t for t in tasks if t is not None),
+        unseen=tuple(t for t in unseen if t is not None),
+        training=_dataclass_from(TrainingConfig, f"{where}: training", data.get("training"), problems),
+        evaluation=_dataclass_from(EvaluationConfig, f"{where}: evaluation", data.get("evaluation"), problems),
+        model=model,
+    )
+    if problems:
+        raise SuiteError(problems)
+    return suite

@@ -1,0 +1,109 @@
+"""The training loop: the only one in the project. Methods change it only through hooks.
+
+    cvit-bench run --suite cvit-v1 --method seqlora
+
+Each stage: batch -> forward -> CE loss (+ method.extra_loss) -> backward ->
+method.after_backward -> clip -> step -> method.after_optimizer_step.
+Loss is read back to the host only every ``log_every`` steps.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from cvit_bench.data.collate import Collator
+from cvit_bench.data.samples import Sample
+from cvit_bench.suites.schema import TrainingConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/inf loss; the stage is abandoned and the previous checkpoint kept."""
+
+
+@dataclass
+class StageLog:
+    steps: int
+    final_loss: float
+    seconds: float
+    samples_per_s: float
+
+
+def shuffled_batches(samples: list[Sample], batch_size: int, seed: str) -> Iterator[list[Sample]]:
+    """Endless reshuffled epochs, deterministic per seed string."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            extra = list(range(len(samples)))
+            rng.shuffle(extra)
+            order.extend(extra)
+        yield [samples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to 10% — the LLaVA fine-tuning schedule, scaled."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train_stage(
+    model: nn.Module,
+    method,
+    samples: list[Sample],
+    collator: Collator,
+    config: TrainingConfig,
+    *,
+    steps: int,
+    seed: str,
+    report: Callable[[int, float, float], None] | None = None,
+    log_every: int = 10,
+) -> StageLog:
+    """Train ``steps`` optimizer steps on ``samples``; returns loss and throughput."""
+    model.train()
+    optimizer = torch.optim.AdamW(method.parameter_groups(model, config.lr), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, steps))
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    batches = shuffled_batches(samples, config.batch_size, seed)
+    window_loss = torch.zeros(())
+    last_loss, start, window_start = float("nan"), time.perf_counter(), time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = collator.train_batch(next(batches))
+        outputs = model(**batch)
+        loss = outputs.loss
+        extra = method.extra_loss(batch, outputs)
+        if extra is not None:
+            loss = loss + extra
+        loss.backward()
+        method.after_backward(model)
+        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step(model)
+        window_loss += loss.detach()
+        if step % log_every == 0 or step == steps:
+            window = step % log_every or log_every
+            last_loss = window_loss.item() / window
+            if not math.isfinite(last_loss):
+                raise NonFiniteLossError(f"loss became {last_loss} by step {step}; stage abandoned")
+            if report is not None:
+                now = time.perf_counter()
+                report(step, last_loss, window * config.batch_size / (now - window_start))
+                window_start = now
+            window_loss.zero_()
+    seconds = time.perf_counter() - start
+    model.eval()
+    return StageLog(steps, last_loss, seconds, steps * config.batch_size / max(seconds, 1e-9))

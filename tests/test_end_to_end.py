@@ -1,0 +1,115 @@
+"""Whole runs on cvit-v1-smoke: every method, results schema, determinism, and bad input leaving nothing behind."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cvit_bench.cli import app
+from cvit_bench.io import read_json
+from cvit_bench.methods import METHODS
+from cvit_bench.runner import RunOptions, run
+from cvit_bench.suites.schema import load_suite
+
+SMOKE = "cvit-v1-smoke"
+runner = CliRunner()
+
+
+def smoke_run(method: str, results_dir: Path, seed: int = 0, **overrides) -> dict:
+    run_dir = run(RunOptions(load_suite(SMOKE), method, seed, results_dir, method_overrides=overrides))
+    return read_json(run_dir / "results.json")
+
+
+@pytest.fixture(scope="module")
+def seqlora_result(tmp_path_factory) -> tuple[dict, Path]:
+    results_dir = tmp_path_factory.mktemp("results")
+    return smoke_run("seqlora", results_dir), results_dir
+
+
+def test_results_follow_the_schema(seqlora_result):
+    result, results_dir = seqlora_result
+    assert set(result) >= {"run_info", "matrices", "metrics", "timings"}
+    info = result["run_info"]
+    assert info["status"] == "complete" and info["task_order"] == ["mcq", "ocr", "caption", "classify", "relation", "vqa"]
+    for key in ("base_checkpoint_hash", "data_hash", "versions", "git_commit", "seed", "method_config"):
+        assert key in info
+    seen = result["matrices"]["seen"]
+    assert set(seen) == {"vu", "if", "strict"}
+    assert np.asarray(seen["vu"], dtype=float).shape == (7, 6)
+    assert np.asarray(result["matrices"]["unseen"]["vu"], dtype=float).shape == (7, len(info["unseen_tasks"]))
+    assert info["unseen_tasks"] == ["unanswerable", "textcap", "scene-0shot", "scene-2shot"]
+    assert np.asarray(result["matrices"]["heldout"]["if"], dtype=float).shape == (7, 6)
+    for metric in ("AP", "MAP", "MFT", "BWT", "forgetting", "FWT", "MIF", "IF-AP", "IF-BWT", "unseen_AP", "heldout_AP", "robustness_gap"):
+        assert metric in result["metrics"]
+    predictions = (results_dir / SMOKE / "seqlora" / "seed0" / "predictions.jsonl").read_text().splitlines()
+    first = json.loads(predictions[0])
+    assert {"stage", "group", "set", "id", "prediction", "vu", "if_pass", "if_reason"} <= set(first)
+    # 7 evaluations x (6 seen + 6 held-out + 3 unseen sets of 4 + one 2-shot set of 4) samples
+    assert len(predictions) == 7 * (6 * 4 * 2 + 4 * 4)
+
+
+def test_same_seed_gives_identical_matrices(seqlora_result, tmp_path):
+    first, _ = seqlora_result
+    again = smoke_run("seqlora", tmp_path)
+    assert again["matrices"] == first["matrices"]
+    assert again["run_info"]["data_hash"] == first["run_info"]["data_hash"]
+
+
+def test_different_seed_gives_different_data(seqlora_result, tmp_path):
+    first, _ = seqlora_result
+    other = smoke_run("seqlora", tmp_path, seed=1)
+    assert other["run_info"]["data_hash"] != first["run_info"]["data_hash"]
+    assert other["run_info"]["base_checkpoint_hash"] == first["run_info"]["base_checkpoint_hash"]
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS.names()) - {"seqlora"}))
+def test_every_method_completes_the_smoke_suite(method, tmp_path):
+    result = smoke_run(method, tmp_path)
+    vu = np.asarray(result["matrices"]["seen"]["vu"], dtype=float)
+    assert not np.isnan(vu).any()
+    if method in ("joint", "zeroshot"):
+        assert (vu[1:] == vu[-1]).all(), "bounds fill every row with the single final evaluation"
+    if method == "zeroshot":
+        assert (vu[0] == vu[-1]).all()
+
+
+def test_cli_run_prints_the_summary(tmp_path):
+    result = runner.invoke(app, ["run", "--suite", SMOKE, "--method", "zeroshot", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "AP" in result.output and (tmp_path / SMOKE / "zeroshot" / "seed0" / "results.json").is_file()
+    report = runner.invoke(app, ["report", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path / "boards")])
+    assert report.exit_code == 0, report.output
+    assert (tmp_path / "boards" / f"{SMOKE}.csv").read_text().startswith("method,")
+    assert (tmp_path / SMOKE / "zeroshot" / "seed0" / "seen_vu.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--suite", "cvit-v2", "--method", "seqlora"], "did you mean 'cvit-v1'"),
+        (["--suite", SMOKE, "--method", "seqlroa"], "did you mean 'seqlora'"),
+        (["--suite", SMOKE, "--method", "seqlora", "--option", "rank=4"], "unknown option(s) ['rank']"),
+    ],
+)
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, message):
+    result = runner.invoke(app, ["run", *args, "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_broken_template_fails_before_any_result(tmp_path, monkeypatch):
+    import cvit_bench.suites.schema as schema
+
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    for path in schema.TEMPLATES_DIR.glob("*.yaml"):
+        (templates / path.name).write_text(path.read_text().replace("    contract: uppercase\n", "", 1))
+    monkeypatch.setattr(schema, "TEMPLATES_DIR", templates)
+    result = runner.invoke(app, ["run", "--suite", SMOKE, "--method", "seqlora", "--results-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "classify.yaml: train[0].contract: missing" in " ".join(result.output.split())
+    assert not (tmp_path / "r").exists()
