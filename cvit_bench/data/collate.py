@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from cvit_bench.data.samples import ImageCache, Sample
@@ -62,7 +63,7 @@ class Collator:
             labels[row, : len(label_row)] = torch.tensor(label_row)
             attention_mask[row, : len(sequence)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        batch.update({k: torch.as_tensor(v) for k, v in encoded.items() if k not in ("input_ids", "attention_mask")})
+        batch.update({k: torch.as_tensor(np.asarray(v)) for k, v in encoded.items() if k not in ("input_ids", "attention_mask")})
         return batch
 
     def generation_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -142,6 +143,11 @@ def extract_answer(output: str) -> str:
     Takes `{"answer": ...}` JSON apart, drops a leading "The answer is" / "Answer:" and one
     trailing ".", so a model that answers right in the wrong format still gets VU credit.
     """
+    return _unwrap_answer(output).lower()
+
+
+def _unwrap_answer(output: str) -> str:
+    """`extract_answer` with the case kept (option letters are upper-case only)."""
     text = output.strip()
     if text.startswith("{"):
         try:
@@ -153,7 +159,7 @@ def extract_answer(output: str) -> str:
     text = _ANSWER_PREFIX.sub("", text)
     if text.endswith("."):
         text = text[:-1].rstrip()
-    return text.lower()
+    return text
 
 
 # Upper-case letters only: a lower-case "a" is as likely the article as option A.
@@ -167,19 +173,21 @@ _OPTION_TEXT_MIN_RATIO = 85.0
 def extract_option_letter(output: str, options: list[str]) -> str | None:
     """The option letter an output chose, or None when it chose none of `options`.
 
-    Reads "B", "B.", "(B)", "B) blue", "The answer is B", and otherwise the option text itself
-    (rapidfuzz `fuzz.ratio` >= 85 against each option, best match wins).
+    Reads "B", "B.", "(B)", "B) blue", "The answer is B", `{"answer": "B"}`, "Answer: B", and
+    otherwise the option text itself (rapidfuzz `fuzz.ratio` >= 85 against each option, best
+    match wins).
     """
     letters = [chr(ord("A") + i) for i in range(len(options))]
-    text = output.strip()
+    text, unwrapped = output.strip(), _unwrap_answer(output)
     for match in (
         _BARE_LETTER.fullmatch(text),
+        _BARE_LETTER.fullmatch(unwrapped),
         _LEADING_LETTER.match(text),
         _STATED_LETTER.search(text),
     ):
         if match and match.group(1) in letters:
             return match.group(1)
-    answer = extract_answer(output)
+    answer = unwrapped.lower()
     ratios = [fuzz.ratio(answer, option.strip().lower()) for option in options]
     if ratios and max(ratios) >= _OPTION_TEXT_MIN_RATIO:
         return letters[ratios.index(max(ratios))]
@@ -294,9 +302,25 @@ def _ptb_tokenize(
     for i, (prediction, refs) in enumerate(zip(predictions, references)):
         captions[("res", i)] = [{"caption": " ".join(prediction.split())}]
         captions[("gts", i)] = [{"caption": " ".join(ref.split())} for ref in refs]
-    tokens = PTBTokenizer().tokenize(captions)
+    with _java_stderr_silenced():
+        tokens = PTBTokenizer().tokenize(captions)
     n = len(predictions)
     return ({i: tokens[("gts", i)] for i in range(n)}, {i: tokens[("res", i)] for i in range(n)})
+
+
+@contextlib.contextmanager
+def _java_stderr_silenced() -> Iterator[None]:
+    """PTBTokenizer's Java process prints a throughput line to the inherited stderr on every call,
+    which would flood the progress display; point file descriptor 2 at /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _cider(gts: dict[int, list[str]], res: dict[int, list[str]]) -> list[float]:
