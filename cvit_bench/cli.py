@@ -26,17 +26,30 @@ def fail(error: Exception) -> None:
 
 
 class RichReporter:
-    """Shows stage, task, step, loss and samples/s while a run trains and evaluates."""
+    """Shows stage, task, step, loss and samples/s while a run trains and evaluates.
+
+    Off a terminal (CI logs, `> file`) the live bar is invisible, so progress is also printed as
+    one line every `LOG_EVERY` steps.
+    """
+
+    LOG_EVERY = 50
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.task_id = progress.add_task("starting", total=None, info="")
+        self.plain = not progress.console.is_terminal
 
     def stage(self, stage: int, tasks: tuple[str, ...], steps: int) -> None:
-        self.progress.update(self.task_id, description=f"stage {stage}: train {'+'.join(tasks)}", total=steps, completed=0)
+        description = f"stage {stage}: train {'+'.join(tasks)}"
+        self.progress.update(self.task_id, description=description, total=steps, completed=0)
+        if self.plain:
+            self.message(f"{description} ({steps} steps)")
 
     def step(self, step: int, loss: float, samples_per_s: float) -> None:
-        self.progress.update(self.task_id, completed=step, info=f"loss {loss:.3f}  {samples_per_s:.0f} samples/s")
+        info = f"loss {loss:.3f}  {samples_per_s:.0f} samples/s"
+        self.progress.update(self.task_id, completed=step, info=info)
+        if self.plain and step % self.LOG_EVERY == 0:
+            self.message(f"  step {step}  {info}")
 
     def evaluating(self, stage: int, name: str, done: int, total: int) -> None:
         self.progress.update(self.task_id, description=f"stage {stage}: evaluate {name}", total=None, info="")

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from cvit_bench.suites import synthetic
+from cvit_bench.suites.schema import TEMPLATES_DIR
 from cvit_bench.suites.synthetic import (
     TASK_KINDS, colour_names, generate_task, place_names, shape_names, words,
 )
@@ -174,12 +175,16 @@ def test_short_answers_come_from_the_vocabulary(generated: Path, kind: str, voca
     assert {r["answer"] for r in _all_records(generated / kind)} <= set(vocabulary)
 
 
-def test_pretrain_covers_every_skill_in_plain_sentences(generated: Path) -> None:
+def test_pretrain_covers_every_skill_and_no_task_phrasing(generated: Path) -> None:
     records = _all_records(generated / "pretrain")
     assert {r["meta"]["skill"] for r in records} == {
-        "shape", "colour", "count", "position", "read", "place", "describe"}
+        "shape", "colour", "count", "position", "read", "place", "describe", "format"}
     assert {r["meta"]["background"] in place_names() for r in records} == {True, False}
-    assert all(r["answer"][0].isupper() and r["answer"].endswith(".") for r in records)
+    visual = [r for r in records if r["meta"]["skill"] != "format"]
+    assert all(r["answer"][0].isupper() and r["answer"].endswith(".") for r in visual)
+    template_text = "".join(p.read_text() for p in TEMPLATES_DIR.glob("*.yaml"))
+    for record in records:  # pretraining never uses a task instruction's wording
+        assert record["question"].splitlines()[-1] not in template_text
 
 
 def test_image_size_changes_resolution_not_content(tmp_path: Path) -> None:

@@ -592,7 +592,7 @@ def _build_scene(rng: random.Random, index: int) -> Sample:
     return Sample(scene, "What kind of place is shown in the image?", scene.background, [scene.background])
 
 
-# --- pretraining: plain-phrasing skills answered in plain sentences, never in a task's format
+# --- pretraining: plain-phrasing skills answered in plain sentences, plus generic format practice
 
 
 def _pretrain_shape(rng: random.Random) -> tuple[Scene, str, str]:
@@ -642,10 +642,30 @@ def _pretrain_describe(rng: random.Random) -> tuple[Scene, str, str]:
     return _plain(rng, shapes), "Tell me about the picture.", f"I see {' and '.join(map(_thing, shapes))}."
 
 
+def _pretrain_format(rng: random.Random) -> tuple[Scene, str, str]:
+    """Text-only format practice, as a real LLM's language pretraining gives: upper case, JSON,
+    picking a listed option's letter, copying a box. Phrased unlike every task template, it
+    trains the embeddings those formats need without teaching any task's instruction."""
+    items = (*WORDS, *SHAPES, *COLOURS, *PLACES, "yes", "no", "unanswerable", *NUMBER_WORDS)
+    item = rng.choice(items)
+    form = rng.choice(("upper", "json", "letter", "box"))
+    if form == "upper":
+        return _plain(rng), f"Spell {item} in big letters.", item.upper()
+    if form == "json":
+        return _plain(rng), f"Put {item} in a JSON object under answer.", json.dumps({"answer": item})
+    if form == "letter":
+        options = [item, *rng.sample([i for i in items if i != item], 3)]
+        rng.shuffle(options)
+        listing = " ".join(f"{tag}. {option}" for tag, option in zip("ABCD", options))
+        return _plain(rng), f"{listing}\nWhich letter is {item}?", "ABCD"[options.index(item)]
+    box = "[" + ", ".join(f"{rng.randint(0, 100) / 100:.2f}" for _ in range(4)) + "]"
+    return _plain(rng), f"Copy {box.strip('[]')} as a box.", box
+
+
 _PRETRAIN_SKILLS: dict[str, Callable[[random.Random], tuple[Scene, str, str]]] = {
     "shape": _pretrain_shape, "colour": _pretrain_colour, "count": _pretrain_count,
     "position": _pretrain_position, "read": _pretrain_read, "place": _pretrain_place,
-    "describe": _pretrain_describe,
+    "describe": _pretrain_describe, "format": _pretrain_format,
 }
 
 
