@@ -1,3 +1,3 @@
-from cvit_bench.cli import main
+from cvit_bench.cli import app
 
-main()
+app()

@@ -1,6 +1,7 @@
 """Command line: ``cvit-bench run | prepare | ls | validate | report``."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,8 +21,18 @@ console = Console()
 USER_ERRORS = (SuiteError, DataError, UnknownNameError, ConfigError, NonFiniteLossError)
 
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """Our progress display is the only one: no per-load bars or deprecation notes from libraries."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers|peft")
+
+
 def fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}", highlight=False)
+    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -180,10 +191,3 @@ def report(
     except (*USER_ERRORS, ValueError) as error:  # leaderboard refusals (mixed data hashes, duplicates) are ValueErrors
         fail(error)
 
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -175,7 +175,9 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
     n_rows = len(task_names) + 1
 
     matrices = {g: {k: np.full((n_rows, len(sets)), np.nan) for k in MATRIX_KINDS} for g, sets in plan.groups().items()}
+    columns = {g: [s.name for s in sets] for g, sets in plan.groups().items()}
     predictions: list[dict] = []
+    corpus_scores: list[dict] = []  # caption metrics (BLEU-4, ROUGE-L, ...) and skipped ones, per evaluation
     timings: list[dict] = []
     stage_facts: list[dict] = []
 
@@ -187,6 +189,9 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
                     matrices[group]["if"][row, column] = set_scores.if_rate
                     matrices[group]["strict"][row, column] = set_scores.strict
                 predictions.extend({"stage": stage, "group": group, **p} for p in set_scores.predictions)
+                if set_scores.extra or set_scores.skipped:
+                    corpus_scores.append({"stage": stage, "group": group, "set": columns[group][column],
+                                          "scores": set_scores.extra, "skipped": set_scores.skipped})
 
     eval_start = time.perf_counter()
     scores, tokens = evaluate_all(model, method, collator, plan, suite.evaluation.batch_size, 0, reporter)
@@ -216,7 +221,6 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
         record(step_plan.rows, stage, scores)
         timings.append({"stage": stage, "train_s": train_seconds, "eval_s": time.perf_counter() - eval_start, "generated_tokens": tokens})
 
-    columns = {g: [s.name for s in sets] for g, sets in plan.groups().items()}
     result = {
         "schema_version": 1,
         "run_info": {
@@ -242,6 +246,7 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
         },
         "matrices": {g: {k: m for k, m in kinds.items()} for g, kinds in matrices.items() if columns[g]},
         "metrics": all_metrics({g: {k: m for k, m in kinds.items()} for g, kinds in matrices.items() if columns[g]}),
+        "corpus_scores": corpus_scores,
         "stages": stage_facts,
         "timings": {"total_s": time.perf_counter() - wall_start, "stages": timings},
     }

@@ -44,6 +44,10 @@ def test_results_follow_the_schema(seqlora_result):
     assert np.asarray(result["matrices"]["heldout"]["if"], dtype=float).shape == (7, 6)
     for metric in ("AP", "MAP", "MFT", "BWT", "forgetting", "FWT", "MIF", "IF-AP", "IF-BWT", "unseen_AP", "heldout_AP", "robustness_gap"):
         assert metric in result["metrics"]
+    captions = [c for c in result["corpus_scores"] if c["set"] == "caption"]
+    assert [c["stage"] for c in captions if c["group"] == "seen"] == list(range(7))
+    assert {"CIDEr", "BLEU-4", "ROUGE-L"} <= set(captions[0]["scores"])
+    assert "SPICE" in captions[0]["skipped"]
     predictions = (results_dir / SMOKE / "seqlora" / "seed0" / "predictions.jsonl").read_text().splitlines()
     first = json.loads(predictions[0])
     assert {"stage", "group", "set", "id", "prediction", "vu", "if_pass", "if_reason"} <= set(first)

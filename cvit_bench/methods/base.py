@@ -34,14 +34,19 @@ def option(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Fields shared by every method."""
+    """Base of every method's options (a method that trains nothing has none)."""
+
+
+@dataclass(frozen=True)
+class TuningConfig(MethodConfig):
+    """Options shared by methods that train."""
 
     lr: float | None = option(None, "learning rate; overrides the suite's training.lr when set")
 
 
 class Method:
     name: ClassVar[str] = ""
-    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    config_class: ClassVar[type[MethodConfig]] = TuningConfig
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config or self.config_class()
@@ -59,7 +64,7 @@ class Method:
         return model
 
     def parameter_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        lr = self.config.lr or lr
+        lr = getattr(self.config, "lr", None) or lr
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
 
     # --- training hooks -----------------------------------------------------

@@ -5,12 +5,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from cvit_bench.methods.base import METHODS, Method, MethodConfig, StagePlan, option
+from cvit_bench.methods.base import METHODS, Method, MethodConfig, TuningConfig, StagePlan, option
 from cvit_bench.methods.sequential import LoraMethodConfig, attach_lora
 
 
 @dataclass(frozen=True)
-class JointConfig(MethodConfig):
+class JointConfig(TuningConfig):
     lora: bool = option(False, "train a LoRA adapter (like seqlora) instead of full fine-tuning (like seqft)")
     r: int = option(LoraMethodConfig.r, "LoRA rank when lora is true")
     alpha: int = option(LoraMethodConfig.alpha, "LoRA alpha when lora is true")
@@ -41,6 +41,7 @@ class ZeroShot(Method):
     """No training: every row is the starting checkpoint (the floor any tuning must clear)."""
 
     name = "zeroshot"
+    config_class = MethodConfig
 
     def stage_plan(self, tasks: list[str], steps_per_task: int) -> list[StagePlan]:
         return [StagePlan((), 0, tuple(range(1, len(tasks) + 1)))]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from cvit_bench.methods.base import METHODS, Method, MethodConfig, freeze_all_but_projector, option
+from cvit_bench.methods.base import METHODS, Method, TuningConfig, freeze_all_but_projector, option
 from cvit_bench.models.backend import module_map_for
 
 
@@ -18,7 +18,7 @@ class SequentialFineTuning(Method):
 
 
 @dataclass(frozen=True)
-class LoraMethodConfig(MethodConfig):
+class LoraMethodConfig(TuningConfig):
     lr: float | None = option(1e-3, "learning rate of adapters and projector (LoRA wants ~3x the full-FT rate)")
     r: int = option(8, "LoRA rank (paper: 128 at hidden 4096; scaled to keep alpha/r = 2 on the tiny model)")
     alpha: int = option(16, "LoRA alpha (paper: 256)")
