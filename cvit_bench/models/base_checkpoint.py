@@ -21,6 +21,7 @@ from torch import nn
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
 from cvit_bench.methods.base import Method
+from cvit_bench.models.vision_pretrain import pretrain_vision
 from cvit_bench.models.tiny import TinyLlavaConfig, build_model, build_processor, save_tiny, train_tokenizer
 from cvit_bench.paths import cache_dir, config_hash, tree_hash
 from cvit_bench.suites import synthetic
@@ -37,6 +38,9 @@ class PretrainConfig:
     batch_size: int = 16
     lr: float = 5e-4
     size: int = 4000
+    vision_steps: int = 600  # supervised tower stage first (CLIP's part); 0 skips it
+    vision_batch_size: int = 64
+    vision_lr: float = 2e-3
 
 
 class _TrainEverything(Method):
@@ -96,8 +100,13 @@ def prepare_base(suite: Suite, report: Callable[[int, float, float], None] | Non
     tokenizer = train_tokenizer(_tokenizer_texts(data), tiny.vocab_size)
     processor = build_processor(tokenizer, tiny)
     model = build_model(tokenizer, tiny)
-    samples = phrase_all(data.records(PRETRAIN_TASK, "train"), PRETRAIN_TASK, (PLAIN,))
+    records = data.records(PRETRAIN_TASK, "train")
+    samples = phrase_all(records, PRETRAIN_TASK, (PLAIN,))
     torch.manual_seed(tiny.init_seed)
+    if pretrain.vision_steps:
+        pretrain_vision(model.model.vision_tower, processor.image_processor, records, steps=pretrain.vision_steps,
+                        batch_size=pretrain.vision_batch_size, lr=pretrain.vision_lr, seed=tiny.init_seed,
+                        feature_layer=model.config.vision_feature_layer, report=report)
     config = TrainingConfig(steps_per_task=pretrain.steps, batch_size=pretrain.batch_size, lr=pretrain.lr, warmup_steps=50)
     train_stage(model, _TrainEverything(), samples, Collator(processor), config, steps=pretrain.steps, seed=f"pretrain-{digest}", report=report)
     target.parent.mkdir(parents=True, exist_ok=True)
