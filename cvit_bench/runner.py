@@ -221,6 +221,7 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
         record(step_plan.rows, stage, scores)
         timings.append({"stage": stage, "train_s": train_seconds, "eval_s": time.perf_counter() - eval_start, "generated_tokens": tokens})
 
+    reported = {group: kinds for group, kinds in matrices.items() if columns[group]}
     result = {
         "schema_version": 1,
         "run_info": {
@@ -244,8 +245,8 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
             "finished": datetime.now(timezone.utc).isoformat(),
             "status": "complete",
         },
-        "matrices": {g: {k: m for k, m in kinds.items()} for g, kinds in matrices.items() if columns[g]},
-        "metrics": all_metrics({g: {k: m for k, m in kinds.items()} for g, kinds in matrices.items() if columns[g]}),
+        "matrices": reported,
+        "metrics": all_metrics(reported),
         "corpus_scores": corpus_scores,
         "stages": stage_facts,
         "timings": {"total_s": time.perf_counter() - wall_start, "stages": timings},

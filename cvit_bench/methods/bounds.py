@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from cvit_bench.methods.base import METHODS, Method, MethodConfig, TuningConfig, StagePlan, option
+from cvit_bench.methods.base import METHODS, Method, MethodConfig, StagePlan, TuningConfig, option
 from cvit_bench.methods.sequential import LoraMethodConfig, attach_lora
 
 

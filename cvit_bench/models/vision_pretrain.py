@@ -9,6 +9,7 @@ background, letters in the glyph slots, number of shapes). The heads are thrown 
 from __future__ import annotations
 
 import random
+import time
 from typing import Callable
 
 import torch
@@ -22,6 +23,7 @@ from cvit_bench.suites import synthetic
 GLYPH_SLOTS = 3
 MAX_COUNT = 6
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+REPORT_EVERY = 50
 
 
 def _label_space() -> dict[str, tuple[str, ...]]:
@@ -107,15 +109,15 @@ def pretrain_vision(
         # the layer LLaVA's projector reads, without the CLS token
         return vision_tower(batch, output_hidden_states=True).hidden_states[feature_layer][:, 1:]
 
-    with torch.no_grad():
-        probe = patch_features(pixels[:1])
-    heads = _Heads(probe.shape[-1], probe.shape[1])
+    config = vision_tower.config
+    heads = _Heads(config.hidden_size, (config.image_size // config.patch_size) ** 2)
     parameters = [*vision_tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     vision_tower.train()
     order = random.Random(seed)
     loss = torch.zeros(())
+    window_start = time.perf_counter()
     for step in range(1, steps + 1):
         index = torch.tensor(order.sample(range(len(records)), batch_size))
         patches = patch_features(pixels[index])
@@ -125,7 +127,9 @@ def pretrain_vision(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if report is not None and step % 50 == 0:
-            report(step, loss.item(), 0.0)
+        if report is not None and step % REPORT_EVERY == 0:
+            now = time.perf_counter()
+            report(step, loss.item(), REPORT_EVERY * batch_size / (now - window_start))
+            window_start = now
     vision_tower.eval()
     return float(loss.detach())
