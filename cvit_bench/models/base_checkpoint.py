@@ -38,9 +38,10 @@ class PretrainConfig:
     batch_size: int = 16
     lr: float = 5e-4
     size: int = 4000
-    vision_steps: int = 600  # supervised tower stage first (CLIP's part); 0 skips it
+    vision_steps: int = 1500  # supervised tower stage first (CLIP's part); 0 skips it
     vision_batch_size: int = 64
-    vision_lr: float = 2e-3
+    vision_lr: float = 4e-3
+    vision_size: int = 20000  # scenes drawn for the tower stage, apart from the language corpus
 
 
 class _TrainEverything(Method):
@@ -104,7 +105,8 @@ def prepare_base(suite: Suite, report: Callable[[int, float, float], None] | Non
     samples = phrase_all(records, PRETRAIN_TASK, (PLAIN,))
     torch.manual_seed(tiny.init_seed)
     if pretrain.vision_steps:
-        pretrain_vision(model.model.vision_tower, processor.image_processor, records, steps=pretrain.vision_steps,
+        scenes = synthetic.vision_scenes(pretrain.vision_size, suite.seed)
+        pretrain_vision(model.model.vision_tower, processor.image_processor, scenes, steps=pretrain.vision_steps,
                         batch_size=pretrain.vision_batch_size, lr=pretrain.vision_lr, seed=tiny.init_seed,
                         feature_layer=model.config.vision_feature_layer, report=report)
     config = TrainingConfig(steps_per_task=pretrain.steps, batch_size=pretrain.batch_size, lr=pretrain.lr, warmup_steps=50)

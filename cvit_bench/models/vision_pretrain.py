@@ -4,26 +4,29 @@ A real LLaVA starts from a CLIP tower that already sees; ours starts from random
 and the language-modelling loss alone teaches it colour (one patch suffices) long before
 shape or glyphs. This stage plays CLIP's part: the tower alone, with linear heads on its
 features, learns the scene attributes the generator records (shapes and colours present,
-background, letters in the glyph slots, number of shapes). The heads are thrown away.
+background, letters in the glyph slots, number of shapes) on a fresh stream of drawn
+scenes. The heads are thrown away.
 """
 from __future__ import annotations
 
 import random
 import time
+from dataclasses import asdict
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cvit_bench.data.llava_format import Record
-from cvit_bench.data.samples import ImageCache
 from cvit_bench.suites import synthetic
 
 GLYPH_SLOTS = 3
 MAX_COUNT = 6
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 REPORT_EVERY = 50
+# Shape is the attribute a from-scratch ViT learns last, and its multi-hot BCE is averaged over
+# eight classes; weighting it up took held-out single-shape accuracy from 70% to 82% at equal cost.
+SHAPE_WEIGHT = 8.0
 
 
 def _label_space() -> dict[str, tuple[str, ...]]:
@@ -31,19 +34,18 @@ def _label_space() -> dict[str, tuple[str, ...]]:
     return {"shape": synthetic.shape_names(), "colour": synthetic.colour_names(), "background": backgrounds}
 
 
-def scene_targets(records: list[Record]) -> dict[str, torch.Tensor]:
-    """Per-record targets from the generator's scene metadata (multi-hot, class index or -100)."""
+def scene_targets(scenes: list[dict]) -> dict[str, torch.Tensor]:
+    """Per-scene targets from the generator's scene fields (multi-hot, class index or -100)."""
     space = _label_space()
     shape_index = {n: i for i, n in enumerate(space["shape"])}
     colour_index = {n: i for i, n in enumerate(space["colour"])}
-    n = len(records)
+    n = len(scenes)
     shapes = torch.zeros(n, len(space["shape"]))
     colours = torch.zeros(n, len(space["colour"]))
     background = torch.empty(n, dtype=torch.long)
     count = torch.empty(n, dtype=torch.long)
     glyphs = torch.full((n, GLYPH_SLOTS), -100, dtype=torch.long)
-    for row, record in enumerate(records):
-        meta = record.meta
+    for row, meta in enumerate(scenes):
         for shape in meta["shapes"]:
             shapes[row, shape_index[shape["name"]]] = 1
             colours[row, colour_index[shape["colour"]]] = 1
@@ -80,7 +82,7 @@ class _Heads(nn.Module):
 
 def _loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
     return (
-        F.binary_cross_entropy_with_logits(logits["shape"], targets["shape"])
+        SHAPE_WEIGHT * F.binary_cross_entropy_with_logits(logits["shape"], targets["shape"])
         + F.binary_cross_entropy_with_logits(logits["colour"], targets["colour"])
         + F.cross_entropy(logits["background"], targets["background"])
         + F.cross_entropy(logits["count"], targets["count"])
@@ -91,7 +93,7 @@ def _loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> 
 def pretrain_vision(
     vision_tower: nn.Module,
     image_processor: Callable,
-    records: list[Record],
+    scenes: list[synthetic.Scene],
     *,
     steps: int,
     batch_size: int,
@@ -100,10 +102,10 @@ def pretrain_vision(
     feature_layer: int = -2,
     report: Callable[[int, float, float], None] | None = None,
 ) -> float:
-    """Train ``vision_tower`` in place on scene attributes; returns the final batch loss."""
-    images = ImageCache()
-    pixels = image_processor(images=[images(r.image) for r in records], return_tensors="pt")["pixel_values"]
-    targets = scene_targets(records)
+    """Train ``vision_tower`` in place on the attributes of ``scenes``; returns the final batch loss."""
+    size = vision_tower.config.image_size
+    pixels = image_processor(images=[synthetic.render(s, size) for s in scenes], return_tensors="pt")["pixel_values"]
+    targets = scene_targets([asdict(s) for s in scenes])
 
     def patch_features(batch: torch.Tensor) -> torch.Tensor:
         # the layer LLaVA's projector reads, without the CLS token
@@ -119,7 +121,7 @@ def pretrain_vision(
     loss = torch.zeros(())
     window_start = time.perf_counter()
     for step in range(1, steps + 1):
-        index = torch.tensor(order.sample(range(len(records)), batch_size))
+        index = torch.tensor(order.sample(range(len(scenes)), batch_size))
         patches = patch_features(pixels[index])
         loss = _loss(heads(patches), {k: v[index] for k, v in targets.items()})
         loss.backward()

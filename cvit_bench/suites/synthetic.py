@@ -669,6 +669,14 @@ _PRETRAIN_SKILLS: dict[str, Callable[[random.Random], tuple[Scene, str, str]]] =
 }
 
 
+def vision_scenes(count: int, seed: int) -> list[Scene]:
+    """A fresh stream of the pretraining mix's pictures (text-only format practice left out)
+    for the supervised tower stage: a tiny ViT from scratch needs far more images than the
+    language stage's corpus holds, and drawing one costs well under a millisecond."""
+    visual = [skill for skill in _PRETRAIN_SKILLS.values() if skill is not _pretrain_format]
+    return [visual[i % len(visual)](_rng(seed, "vision", "train", i, 0))[0] for i in range(count)]
+
+
 def _build_pretrain(rng: random.Random, index: int) -> Sample:
     skill = tuple(_PRETRAIN_SKILLS)[index % len(_PRETRAIN_SKILLS)]
     scene, question, answer = _PRETRAIN_SKILLS[skill](rng)
