@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SUITE ?= cvit-v1
 METHOD ?= seqlora
 
-.PHONY: install run test test-all prepare report clean
+.PHONY: install run test test-all prepare report bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ prepare: install
 
 report: install
 	$(VENV)/bin/cvit-bench report
+
+bench: install
+	$(VENV)/bin/cvit-bench bench --suite $(SUITE)
 
 test: install
 	$(VENV)/bin/pytest -q

@@ -1,4 +1,4 @@
-"""Command line: ``cvit-bench run | prepare | ls | validate | report``."""
+"""Command line: ``cvit-bench run | prepare | ls | validate | report | bench``."""
 from __future__ import annotations
 
 import warnings
@@ -191,3 +191,39 @@ def report(
     except (*USER_ERRORS, ValueError) as error:  # leaderboard refusals (mixed data hashes, duplicates) are ValueErrors
         fail(error)
 
+
+
+@app.command()
+def bench(
+    suite: str = typer.Option("cvit-v1", help="suite whose base model, first task and batch size are used"),
+    method: list[str] = typer.Option([], help="methods to measure (repeatable; default: every registered method)"),
+    steps: int = typer.Option(20, help="timed training steps per method (after the warm-up)"),
+    warmup: int = typer.Option(3, help="untimed warm-up steps per method"),
+    eval_samples: int = typer.Option(64, help="samples generated for the evaluation throughput"),
+    out: Path = typer.Option(Path("bench.json"), help="where the JSON report goes"),
+) -> None:
+    """Train-step time of every method relative to seqlora on the same batches, eval throughput and peak memory."""
+    from cvit_bench.benchmark import REFERENCE_METHOD, rows_to_json, run_benchmark
+    from cvit_bench.io import atomic_write_json
+    from cvit_bench.methods import METHODS
+
+    try:
+        loaded = load_suite(suite)
+        names = method or [m for m in METHODS.names()]
+        for name in names:
+            METHODS.get(name)
+        with console.status("benchmarking") as status:
+            rows = run_benchmark(loaded, names, steps=steps, warmup=warmup, eval_samples=eval_samples,
+                                 report=lambda name: status.update(f"benchmarking {name}"))
+    except USER_ERRORS as error:
+        fail(error)
+    table = Table(title=f"cvit-bench bench: {loaded.name}, batch {loaded.training.batch_size}, {steps} timed steps")
+    for header in ("method", "step ms", f"x {REFERENCE_METHOD}", "eval samples/s", "eval tokens/s", "peak MB", "trainable"):
+        table.add_column(header, no_wrap=True)
+    for row in rows:
+        trains = row.step_ms is not None
+        table.add_row(row.method, f"{row.step_ms:.0f}" if trains else "-", f"{row.relative_step:.2f}" if trains else "-", f"{row.eval_samples_per_s:.1f}",
+                      f"{row.eval_tokens_per_s:.0f}", f"{row.peak_memory_mb:.0f}", f"{row.trainable_params:,}")
+    console.print(table)
+    atomic_write_json(out, rows_to_json(rows, loaded, steps, warmup))
+    console.print(f"wrote {out}")

@@ -144,6 +144,7 @@ def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batc
                 replies, tokens = generate(
                     model, collator, eval_set.samples, batch_size=batch_size, max_new_tokens=eval_set.max_new_tokens,
                     on_batch=lambda done, total, name=eval_set.name: reporter.evaluating(stage, name, done, total),
+                    batch_context=method.batch_context,
                 )
             generated += tokens
             results[group].append(score_set(eval_set, replies))
@@ -166,7 +167,7 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
         model_dir, base_hash = Path(options.model), f"external:{options.model}"
     seed_everything(options.seed)
     base_model, processor = load_model(model_dir)
-    model = method.wrap_model(base_model)
+    model = method.wrap_model(base_model, suite.task_names)
     collator = Collator(processor)
     plan = build_eval_plan(suite, data, collator, options.seed)
     task_names = suite.task_names
@@ -214,11 +215,13 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
                 seed=f"{options.seed}-stage{stage}", report=reporter.step,
             )
             train_seconds = log.seconds
-            stage_facts.append({"stage": stage, "tasks": list(step_plan.tasks), "final_loss": log.final_loss,
-                                "samples_per_s": log.samples_per_s, **method.after_stage(stage, model, samples, collator)})
+            facts = {"tasks": list(step_plan.tasks), "final_loss": log.final_loss, "samples_per_s": log.samples_per_s,
+                     **method.after_stage(stage, model, samples, collator)}
         eval_start = time.perf_counter()
         scores, tokens = evaluate_all(model, method, collator, plan, suite.evaluation.batch_size, stage, reporter)
         record(step_plan.rows, stage, scores)
+        if step_plan.tasks:
+            stage_facts.append({"stage": stage, **facts, **method.evaluation_facts()})
         timings.append({"stage": stage, "train_s": train_seconds, "eval_s": time.perf_counter() - eval_start, "generated_tokens": tokens})
 
     reported = {group: kinds for group, kinds in matrices.items() if columns[group]}

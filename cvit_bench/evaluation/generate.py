@@ -1,7 +1,8 @@
 """Batched greedy generation with KV cache, length-bucketed so padding stays small."""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -19,8 +20,12 @@ def generate(
     batch_size: int,
     max_new_tokens: int,
     on_batch: Callable[[int, int], None] | None = None,
+    batch_context: Callable[[list[Sample], dict], ContextManager] | None = None,
 ) -> tuple[list[str], int]:
-    """Greedy replies for ``samples`` (in input order) and the number of generated tokens."""
+    """Greedy replies for ``samples`` (in input order) and the number of generated tokens.
+
+    ``batch_context(samples, batch)`` wraps each ``generate`` call (a method's per-batch routing).
+    """
     model.eval()
     order = sorted(range(len(samples)), key=lambda i: (len(samples[i].turns), len(collator.prompt_text(samples[i]))))
     replies: list[str] = [""] * len(samples)
@@ -28,8 +33,10 @@ def generate(
     tokenizer = collator.tokenizer
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        batch = collator.generation_batch([samples[i] for i in indices])
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
+        chunk = [samples[i] for i in indices]
+        batch = collator.generation_batch(chunk)
+        with (batch_context or _no_context)(chunk, batch):
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         finished = new_tokens != tokenizer.pad_token_id
         generated_tokens += int(finished.sum())
@@ -38,3 +45,7 @@ def generate(
         if on_batch is not None:
             on_batch(len(indices), len(samples))
     return replies, generated_tokens
+
+
+def _no_context(samples: list[Sample], batch: dict) -> ContextManager:
+    return contextlib.nullcontext()

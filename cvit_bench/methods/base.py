@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, ContextManager
+from typing import Any, ClassVar, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -57,8 +57,8 @@ class Method:
         return [StagePlan((task,), steps_per_task, (i,)) for i, task in enumerate(tasks, start=1)]
 
     # --- model --------------------------------------------------------------
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Attach adapters / choose trainable parameters. Default: train projector + LLM, freeze the vision tower."""
+    def wrap_model(self, model: nn.Module, tasks: list[str]) -> nn.Module:
+        """Attach adapters / choose trainable parameters for a run over ``tasks``. Default: train projector + LLM, freeze the vision tower."""
         for parameter in vision_parameters(model):
             parameter.requires_grad_(False)
         return model
@@ -70,6 +70,10 @@ class Method:
     # --- training hooks -----------------------------------------------------
     def before_stage(self, stage: int, tasks: tuple[str, ...], model: nn.Module) -> None:
         """Called before stage ``stage`` trains."""
+
+    def batch_context(self, samples: list[Sample], batch: dict[str, torch.Tensor]) -> ContextManager:
+        """Wraps each training forward and each ``generate`` call: per-batch routing facts (templates, masks)."""
+        return contextlib.nullcontext()
 
     def train_data(self, stage: int, samples: list[Sample]) -> list[Sample]:
         """The samples the stage trains on (replay mixes memory in here)."""
@@ -83,7 +87,7 @@ class Method:
         """Gradient surgery between backward and the optimizer step (gradient projection)."""
 
     def after_optimizer_step(self, model: nn.Module) -> None:
-        """Weight updates after each step (EMA)."""
+        """Weight updates after each step (EMA); the step's gradients are still readable."""
 
     def after_stage(self, stage: int, model: nn.Module, samples: list[Sample], collator) -> dict[str, Any]:
         """Consolidate after a stage (freeze, store bases, Fisher). Returns facts to record in the results."""
@@ -93,6 +97,10 @@ class Method:
     def eval_context(self, task: str, model: nn.Module) -> ContextManager:
         """Set up routing for evaluating ``task`` (task selectors, routers)."""
         return contextlib.nullcontext()
+
+    def evaluation_facts(self) -> dict[str, Any]:
+        """Facts gathered while a stage was evaluated (task-selector accuracy), recorded with that stage."""
+        return {}
 
     def trains(self) -> bool:
         return True
@@ -115,6 +123,23 @@ class Method:
 
 
 METHODS: Registry[type[Method]] = Registry("method")
+
+
+@torch.no_grad()
+def forward_passes(method: Method, model: nn.Module, samples: list[Sample], collator, batch_size: int, max_batches: int) -> Iterator[dict]:
+    """Gradient-free forwards over the first ``max_batches`` batches of ``samples``, under the method's routing.
+
+    For consolidation after a stage (GPM bases, branch usage); yields each batch after its forward.
+    """
+    was_training = model.training
+    model.eval()
+    for start in range(0, min(len(samples), batch_size * max_batches), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = collator.train_batch(chunk)
+        with method.batch_context(chunk, batch):
+            model(**batch)
+        yield batch
+    model.train(was_training)
 
 
 def freeze_all_but_projector(model: nn.Module) -> None:

@@ -30,10 +30,10 @@ class Joint(Method):
     def stage_plan(self, tasks: list[str], steps_per_task: int) -> list[StagePlan]:
         return [StagePlan(tuple(tasks), steps_per_task * len(tasks), tuple(range(1, len(tasks) + 1)))]
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, model: nn.Module, tasks: list[str]) -> nn.Module:
         if self.config.lora:
             return attach_lora(model, LoraMethodConfig(lr=self.config.lr, r=self.config.r, alpha=self.config.alpha))
-        return super().wrap_model(model)
+        return super().wrap_model(model, tasks)
 
 
 @METHODS.register("zeroshot")

@@ -25,17 +25,21 @@ class LoraMethodConfig(TuningConfig):
     dropout: float = option(0.0, "LoRA dropout (LLaVA-1.5 uses 0.05; 0 keeps tiny runs deterministic and fast)")
 
 
-def attach_lora(model: nn.Module, config: LoraMethodConfig) -> nn.Module:
-    """peft LoRA on every LLM linear; the projector stays trainable (as in LLaVA-1.5 LoRA tuning)."""
+def attach_lora(model: nn.Module, config: LoraMethodConfig, targets: str | None = None, train_projector: bool = True) -> nn.Module:
+    """peft LoRA on ``targets`` (default: every LLM linear); the projector stays trainable unless told otherwise
+    (LLaVA-1.5 LoRA tuning trains it)."""
     lora = LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=module_map_for(model).llm_linears,
+        target_modules=targets or module_map_for(model).llm_linears,
         bias="none",
     )
     wrapped = get_peft_model(model, lora)
     freeze_all_but_projector(wrapped)
+    if not train_projector:
+        for parameter in wrapped.parameters():
+            parameter.requires_grad_(False)
     for name, parameter in wrapped.named_parameters():
         if "lora_" in name:
             parameter.requires_grad_(True)
@@ -49,5 +53,5 @@ class SequentialLora(Method):
     name = "seqlora"
     config_class = LoraMethodConfig
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, model: nn.Module, tasks: list[str]) -> nn.Module:
         return attach_lora(model, self.config)

@@ -2,8 +2,8 @@
 
     cvit-bench run --suite cvit-v1 --method seqlora
 
-Each stage: batch -> forward -> CE loss (+ method.extra_loss) -> backward ->
-method.after_backward -> clip -> step -> method.after_optimizer_step.
+Each stage: batch -> (method.batch_context) forward -> CE loss (+ method.extra_loss) ->
+backward -> method.after_backward -> clip -> step -> method.after_optimizer_step -> zero grads.
 Loss is read back to the host only every ``log_every`` steps.
 """
 from __future__ import annotations
@@ -59,6 +59,32 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def make_optimizer(model: nn.Module, method, config: TrainingConfig, steps: int):
+    """AdamW over the method's parameter groups and the warm-up + cosine schedule; also returns the trained tensors."""
+    optimizer = torch.optim.AdamW(method.parameter_groups(model, config.lr), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, steps))
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    return optimizer, scheduler, trainable
+
+
+def train_step(model: nn.Module, method, chunk: list[Sample], batch: dict[str, torch.Tensor], optimizer, scheduler, trainable, max_grad_norm: float) -> torch.Tensor:
+    """One optimizer step with every method hook; returns the loss without reading it back to the host."""
+    with method.batch_context(chunk, batch):
+        outputs = model(**batch)
+        loss = outputs.loss
+        extra = method.extra_loss(batch, outputs)
+        if extra is not None:
+            loss = loss + extra
+    loss.backward()
+    method.after_backward(model)
+    torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    method.after_optimizer_step(model)
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def train_stage(
     model: nn.Module,
     method,
@@ -73,27 +99,13 @@ def train_stage(
 ) -> StageLog:
     """Train ``steps`` optimizer steps on ``samples``; returns loss and throughput."""
     model.train()
-    optimizer = torch.optim.AdamW(method.parameter_groups(model, config.lr), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, steps))
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer, scheduler, trainable = make_optimizer(model, method, config, steps)
     batches = shuffled_batches(samples, config.batch_size, seed)
     window_loss = torch.zeros(())
     last_loss, start, window_start = float("nan"), time.perf_counter(), time.perf_counter()
     for step in range(1, steps + 1):
-        batch = collator.train_batch(next(batches))
-        outputs = model(**batch)
-        loss = outputs.loss
-        extra = method.extra_loss(batch, outputs)
-        if extra is not None:
-            loss = loss + extra
-        loss.backward()
-        method.after_backward(model)
-        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.after_optimizer_step(model)
-        window_loss += loss.detach()
+        chunk = next(batches)
+        window_loss += train_step(model, method, chunk, collator.train_batch(chunk), optimizer, scheduler, trainable, config.max_grad_norm)
         if step % log_every == 0 or step == steps:
             window = step % log_every or log_every
             last_loss = window_loss.item() / window

@@ -1,0 +1,154 @@
+"""Mixture-of-LoRA building blocks shared by MoELoRA, SMoLoRA, BranchLoRA and O-LoRA.
+
+:class:`MixtureLoraLinear` wraps a base ``nn.Linear`` (as peft's LoRA layers do) with
+E low-rank experts and computes all of them in two matmuls: the stacked down-projections
+give an (E·r)-wide activation, the router's gates scale each expert's r columns, and the
+stacked up-projections map back. A gate of 0 removes an expert exactly, so dense,
+top-k, top-1 and "sum of all slices" routing are the same code path; the cost equals
+one LoRA of rank E·r (for top-k at 7B a gather would save the unused experts' work).
+
+Routers are small modules that turn the layer input into gates; what they need beyond
+it (an attention mask, per-sample template embeddings, a task index) comes from the
+:class:`Routing` the method binds around each batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from cvit_bench.methods.base import freeze_all_but_projector
+
+
+class Routing:
+    """Per-batch facts the routers of one model read, bound by the method for one forward or one ``generate``.
+
+    Routers that decide once per sequence compute on the first call of a batch (the
+    prefill) and reuse the decision for the cached decoding steps, whose input is one
+    token.
+    """
+
+    def __init__(self) -> None:
+        self.facts: dict[str, Any] = {}
+        self.cache: dict[Any, Any] = {}
+
+    @contextlib.contextmanager
+    def bind(self, **facts: Any) -> Iterator["Routing"]:
+        self.facts, self.cache = facts, {}
+        try:
+            yield self
+        finally:
+            self.facts, self.cache = {}, {}
+
+    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def per_row(self, name: str, rows: int) -> torch.Tensor:
+        """A per-sample fact repeated to per-image rows where a layer sees one row per image (the projector)."""
+        value = self.facts[name]
+        if value.shape[0] == rows:
+            return value
+        return value.repeat_interleave(self.facts["images_per_sample"], dim=0)
+
+    def sequence_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean over the sequence of ``x`` (B, T, d), ignoring padding where the attention mask covers ``x``."""
+        mask = self.facts.get("attention_mask")
+        if mask is None or mask.shape != x.shape[:2]:
+            return x.mean(dim=1)
+        weights = mask.to(x.dtype).unsqueeze(-1)
+        return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+
+class MixtureLoraLinear(nn.Module):
+    """``base(x) + scaling · Σ_e gate_e(x) · B_e A_e x`` with all experts in two matmuls.
+
+    ``shared_a`` keeps one down-projection for every expert (BranchLoRA's trunk).
+    """
+
+    def __init__(self, base: nn.Linear, n_experts: int, rank: int, scaling: float, router: nn.Module, shared_a: bool = False) -> None:
+        super().__init__()
+        self.base = base
+        self.n_experts, self.rank, self.scaling = n_experts, rank, scaling
+        self.router = router
+        a_rows = 1 if shared_a else n_experts
+        self.lora_A = nn.Parameter(torch.empty(a_rows, rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(n_experts, base.out_features, rank))
+        bound = 1 / math.sqrt(base.in_features)  # peft's kaiming_uniform(a=√5) bound for the A matrix
+        nn.init.uniform_(self.lora_A, -bound, bound)
+
+    def expert_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """``A_e x`` for every expert: (..., E, r)."""
+        h = (x @ self.lora_A.flatten(0, 1).T).unflatten(-1, (self.lora_A.shape[0], self.rank))
+        return h.expand(*h.shape[:-2], self.n_experts, self.rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.router(x)  # broadcastable to (..., E)
+        h = self.expert_activations(x) * gates.unsqueeze(-1)
+        up = self.lora_B.permute(1, 0, 2).flatten(1)  # (d_out, E·r), column e·r + k = B_e[:, k]
+        return self.base(x) + (h.flatten(-2) @ up.T) * self.scaling
+
+
+def inject_mixture(model: nn.Module, pattern: str, build: Callable[[str, nn.Linear], MixtureLoraLinear]) -> dict[str, MixtureLoraLinear]:
+    """Replace every ``nn.Linear`` whose full name matches ``pattern`` by ``build(name, linear)``."""
+    compiled = re.compile(pattern)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and compiled.fullmatch(n)]
+    if not names:
+        raise ValueError(f"no linear layer matches {pattern!r}")
+    layers = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layers[name] = build(name, getattr(parent, child))
+        setattr(parent, child, layers[name])
+    return layers
+
+
+class SliceFreezer:
+    """Keeps chosen rows (experts, branches, task slices) of parameters bit-identical while the rest trains.
+
+    Gradients of frozen rows are zeroed (so they neither move nor count in clipping) and
+    the rows are restored after the optimizer step, which also undoes weight decay.
+    """
+
+    def __init__(self) -> None:
+        self.frozen: dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def freeze(self, parameter: nn.Parameter, rows: torch.Tensor) -> None:
+        """Freeze ``rows`` (indices along dim 0) of ``parameter`` at their current values, adding to earlier ones."""
+        mask = torch.zeros(parameter.shape[0], dtype=torch.bool)
+        if parameter in self.frozen:
+            mask |= self.frozen[parameter][0]
+        mask[rows] = True
+        self.frozen[parameter] = (mask, parameter.detach().clone())
+
+    def zero_grads(self) -> None:
+        for parameter, (mask, _) in self.frozen.items():
+            if parameter.grad is not None:
+                parameter.grad[mask] = 0
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for parameter, (mask, saved) in self.frozen.items():
+            parameter[mask] = saved[mask]
+
+    def frozen_rows(self, parameter: nn.Parameter) -> list[int]:
+        entry = self.frozen.get(parameter)
+        return [] if entry is None else entry[0].nonzero().flatten().tolist()
+
+
+def set_trainable(model: nn.Module, layers: dict[str, MixtureLoraLinear], train_projector: bool) -> None:
+    """Freeze the whole model, then unfreeze the adapters, routers' trainable parts and (optionally) the projector."""
+    freeze_all_but_projector(model)
+    if not train_projector:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+    for layer in layers.values():
+        for name, parameter in layer.named_parameters():
+            if not name.startswith("base."):
+                parameter.requires_grad_(True)
