@@ -209,7 +209,7 @@ def bench(
 
     try:
         loaded = load_suite(suite)
-        names = method or [m for m in METHODS.names()]
+        names = method or list(METHODS.names())
         for name in names:
             METHODS.get(name)
         with console.status("benchmarking") as status:

@@ -167,26 +167,24 @@ class BranchLora(Method):
         if self.route_task is None and self.config.task_routers and self.trained:
             return self._selected_routing(samples, batch)
         task = torch.full((len(samples),), self.route_task or 0, dtype=torch.long)
-        self.text_features = self._text_features(batch)
+        if self.route_task is not None and self.config.task_routers and self.config.selector_weight:
+            self.text_features = self._text_features(batch)  # only the alignment loss reads it
         return self.routing.bind(attention_mask=batch["attention_mask"], task=lambda: task)
 
     @contextlib.contextmanager
     def _selected_routing(self, samples: list[Sample], batch: dict[str, torch.Tensor]) -> Iterator[None]:
         text = self._text_features(batch)
-        choice: dict[str, torch.Tensor] = {}
 
         def select() -> torch.Tensor:  # called at the first adapted layer, after the projector ran on this batch
-            if "task" not in choice:
-                image = self._per_sample_image_features(samples)
-                choice["task"] = self._model.task_selector.select(image, text, self.trained)
-            return choice["task"]
+            return self._model.task_selector.select(self._per_sample_image_features(samples), text, self.trained)
 
-        with self.routing.bind(attention_mask=batch["attention_mask"], task=select):
+        with self.routing.bind(attention_mask=batch["attention_mask"], task=lambda: self.routing.cached("selected_task", select)):
             yield
-        if "task" in choice:
-            for sample, picked in zip(samples, choice["task"].tolist()):
+            picked = self.routing.cache.get("selected_task")
+        if picked is not None:
+            for sample, task in zip(samples, picked.tolist()):
                 if sample.task in self.tasks[: self.trained]:
-                    self.selection_hits.setdefault(sample.task, []).append(int(self.tasks[picked] == sample.task))
+                    self.selection_hits.setdefault(sample.task, []).append(int(self.tasks[task] == sample.task))
 
     # --- training ----------------------------------------------------------
     def before_stage(self, stage: int, tasks: tuple[str, ...], model: nn.Module) -> None:
