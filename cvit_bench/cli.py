@@ -87,7 +87,7 @@ def _parse_options(options: list[str]) -> dict:
 @app.command()
 def run(
     suite: str = typer.Option("cvit-v1", help="suite name (see `cvit-bench ls`) or path to a suite YAML"),
-    method: str = typer.Option(..., help="method name (see `cvit-bench ls`)"),
+    method: Optional[str] = typer.Option(None, help="method name (see `cvit-bench ls`)"),
     seed: int = typer.Option(0, help="fixes data generation, initialisation and batch order"),
     results_dir: Path = typer.Option(Path("results"), help="results are written to DIR/<suite>/<method>/<run-id>/"),
     model: Optional[str] = typer.Option(None, help="local checkpoint dir or hub id (default: the suite's embedded tiny LLaVA)"),
@@ -95,17 +95,30 @@ def run(
     option: list[str] = typer.Option([], help="method config override KEY=VALUE (repeatable)"),
     steps_per_task: Optional[int] = typer.Option(None, help="override the suite's training.steps_per_task"),
     run_id: Optional[str] = typer.Option(None, help="run directory name (default seed<N>)"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run in this directory with the options it was started with"),
+    fresh: bool = typer.Option(False, help="discard the run directory's checkpoint and results and start over"),
+    keep_checkpoint: bool = typer.Option(False, help="keep the last stage checkpoint (final weights) after the run finishes"),
 ) -> None:
-    """Train METHOD through SUITE task by task, evaluating after every stage, and write results."""
+    """Train METHOD through SUITE task by task, evaluating after every stage, and write results.
+
+    Re-running the same command into the same run directory continues after the last finished stage.
+    """
     from cvit_bench.reporting.tables import run_summary_table
     from cvit_bench.io import read_json
     from cvit_bench.runner import RunOptions, run as run_suite
 
     try:
-        options = RunOptions(load_suite(suite), method, seed, results_dir, model, data_root, _parse_options(option), steps_per_task, run_id)
+        if resume is not None:
+            options = RunOptions.from_run_dir(resume)
+        elif method is None:
+            raise ConfigError("run: pass --method (or --resume RUN_DIR)")
+        else:
+            options = RunOptions(load_suite(suite), method, seed, results_dir, model, data_root, _parse_options(option), steps_per_task, run_id)
         with _progress() as progress:
-            run_dir = run_suite(options, RichReporter(progress))
+            run_dir = run_suite(options, RichReporter(progress), fresh=fresh, keep_checkpoint=keep_checkpoint)
     except USER_ERRORS as error:
+        fail(error)
+    except OSError as error:  # disk full, permissions: the message names the file; earlier checkpoints are intact
         fail(error)
     result = read_json(run_dir / "results.json")
     console.print(run_summary_table(result))

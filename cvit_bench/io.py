@@ -34,6 +34,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(tmp.fileno())
         os.chmod(tmp.name, 0o666 & ~_UMASK)
         os.replace(tmp.name, path)
+    except OSError as error:  # disk full, permissions: say which file, keep the old one
+        Path(tmp.name).unlink(missing_ok=True)
+        raise OSError(error.errno, f"writing {path} failed ({error.strerror or error}); its previous content is unchanged") from error
     except BaseException:
         Path(tmp.name).unlink(missing_ok=True)
         raise

@@ -6,36 +6,44 @@ the rest.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
 import random
 import subprocess
 import time
+import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
+from torch import nn
 
+from cvit_bench.checkpoint import Checkpoint, load_checkpoint, load_model_tensors, model_tensors, remove_checkpoints, restore_rng, save_checkpoint
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
 from cvit_bench.evaluation.evaluate import EvalSet, score_set
 from cvit_bench.evaluation.generate import generate
-from cvit_bench.io import atomic_write_json, atomic_write_text, to_jsonable
+from cvit_bench.io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from cvit_bench.methods import METHODS, Method
+from cvit_bench.methods.base import StagePlan
 from cvit_bench.metrics import all_metrics
 from cvit_bench.models.backend import load_model
 from cvit_bench.models.base_checkpoint import prepare_base
+from cvit_bench.paths import config_differences, config_hash
 from cvit_bench.registry import ConfigError
 from cvit_bench.suites.materialize import SuiteData, materialize
-from cvit_bench.suites.schema import REPO_ROOT, Suite
-from cvit_bench.training.loop import train_stage
+from cvit_bench.suites.schema import REPO_ROOT, Suite, SuiteError, resolve_suite_path
+from cvit_bench.training.loop import NonFiniteLossError, train_stage
 
 MATRIX_KINDS = ("vu", "if", "strict")
+REQUEST_FILE = "run_request.json"  # the options a run was started with, so `--resume RUN_DIR` needs nothing else
 
 
 @dataclass
@@ -49,6 +57,45 @@ class RunOptions:
     method_overrides: dict[str, Any] = field(default_factory=dict)
     steps_per_task: int | None = None
     run_id: str | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.results_dir / self.suite.name / self.method / (self.run_id or f"seed{self.seed}")
+
+    def request(self) -> dict[str, Any]:
+        """The options as JSON; a shipped suite is named rather than located, so a run directory can move between clones."""
+        shipped = _is_shipped(self.suite)
+        return {
+            "suite": self.suite.name if shipped else str(self.suite.path), "method": self.method, "seed": self.seed,
+            "model": self.model, "data_root": None if self.data_root is None else str(self.data_root),
+            "method_overrides": self.method_overrides, "steps_per_task": self.steps_per_task,
+        }
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path) -> RunOptions:
+        """The options a run directory was started with (for ``--resume``)."""
+        from cvit_bench.suites.schema import load_suite
+
+        request_path = run_dir / REQUEST_FILE
+        if not request_path.is_file():
+            raise ConfigError(f"{run_dir}: not a run directory ({REQUEST_FILE} is missing)")
+        request = read_json(request_path)
+        options = cls(
+            suite=load_suite(request["suite"]), method=request["method"], seed=request["seed"],
+            results_dir=run_dir.parent.parent.parent, model=request["model"],
+            data_root=None if request["data_root"] is None else Path(request["data_root"]),
+            method_overrides=request["method_overrides"], steps_per_task=request["steps_per_task"], run_id=run_dir.name,
+        )
+        if options.run_dir.resolve() != run_dir.resolve():
+            raise ConfigError(f"{request_path}: describes a run of {options.suite.name}/{options.method}, which belongs in {options.run_dir}")
+        return options
+
+
+def _is_shipped(suite: Suite) -> bool:
+    try:
+        return resolve_suite_path(suite.name).resolve() == Path(suite.path).resolve()
+    except SuiteError:
+        return False
 
 
 @dataclass
@@ -66,11 +113,31 @@ class EvalPlan:
 def build_method(name: str, overrides: dict[str, Any]) -> Method:
     """Instantiate a registered method; unknown options fail with the valid field names."""
     cls = METHODS.get(name)
-    valid = {f.name: f for f in dataclasses.fields(cls.config_class)}
-    unknown = sorted(set(overrides) - set(valid))
+    hints = typing.get_type_hints(cls.config_class)
+    unknown = sorted(set(overrides) - set(hints))
     if unknown:
-        raise ConfigError(f"method {name!r}: unknown option(s) {unknown} (valid: {sorted(valid)})")
-    return cls(cls.config_class(**overrides))
+        raise ConfigError(f"method {name!r}: unknown option(s) {unknown} (valid: {sorted(hints)})")
+    return cls(cls.config_class(**{key: _typed_option(name, key, value, hints[key]) for key, value in overrides.items()}))
+
+
+def _typed_option(method: str, key: str, value: Any, hint: Any) -> Any:
+    """An option value of its field's type; YAML reads ``1e-4`` as a string, so numbers written that way are parsed."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if bool in allowed and isinstance(value, bool):
+        return value
+    if int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if float in allowed and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if str in allowed and isinstance(value, str):
+        return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"method {method!r}: option {key}={value!r} must be {names}")
 
 
 def build_eval_plan(suite: Suite, data: SuiteData, collator: Collator, seed: int) -> EvalPlan:
@@ -151,13 +218,90 @@ def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batc
     return results, generated
 
 
-def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
-    """Run a method through the suite and write ``results.json`` + ``predictions.jsonl``; returns the run dir."""
+@dataclass
+class Progress:
+    """What a run has measured so far; saved with every stage checkpoint."""
+
+    matrices: dict[str, dict[str, np.ndarray]]
+    completed_stage: int = -1  # -1: nothing evaluated yet; 0: the initial evaluation
+    predictions: list[dict] = field(default_factory=list)
+    corpus_scores: list[dict] = field(default_factory=list)  # caption metrics and skipped ones, per evaluation
+    timings: list[dict] = field(default_factory=list)
+    stage_facts: list[dict] = field(default_factory=list)
+    trained: set[str] = field(default_factory=set)  # parameters trainable in some stage: what a checkpoint stores
+    elapsed_s: float = 0.0  # wall time up to the last checkpoint, over all sessions of a resumed run
+    started: str = ""
+    resumed_after: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "predictions"}
+        return to_jsonable({**fields, "trained": sorted(self.trained)})
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any], predictions: list[dict]) -> Progress:
+        matrices = {g: {k: np.asarray(m, dtype=float) for k, m in kinds.items()} for g, kinds in state["matrices"].items()}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"matrices", "predictions", "trained"}
+        return cls(matrices=matrices, predictions=predictions, trained=set(state["trained"]), **{k: state[k] for k in fields})
+
+
+def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_hash: str, steps_per_task: int) -> dict[str, Any]:
+    """Everything that determines a run's numbers except the seed: two runs with equal configs are seeds of one setup."""
+    suite = dataclasses.asdict(options.suite)
+    del suite["path"]  # where the file lives is not part of the setup
+    return to_jsonable({
+        "suite": json.loads(json.dumps(suite, default=str)),
+        "method": options.method,
+        "method_config": dataclasses.asdict(method.config),
+        "steps_per_task": steps_per_task,
+        "model": options.model,
+        "base_checkpoint_hash": base_hash,
+        "data_recipe_hash": data.recipe_hash,
+    })
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One process per run directory; the OS drops the lock when its holder dies, even by SIGKILL."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ConfigError(f"{run_dir}: another cvit-bench process is running into this directory") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def clear_run(run_dir: Path) -> None:
+    """Forget a run directory's results and checkpoints (``--fresh``); other files are left alone."""
+    remove_checkpoints(run_dir)
+    for name in ("results.json", "predictions.jsonl", REQUEST_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _check_same_setup(run_dir: Path, what: str, saved: dict[str, Any], config: dict[str, Any], seed: int) -> None:
+    differences = config_differences(saved.get("config") or {}, config)
+    if saved.get("seed") != seed:
+        differences.insert(0, "seed")
+    if differences:
+        raise ConfigError(
+            f"{run_dir}: its {what} was made with a different configuration (differs in: {', '.join(differences)}); "
+            "pass --fresh to discard it, or --run-id to write elsewhere"
+        )
+
+
+def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = False, keep_checkpoint: bool = False) -> Path:
+    """Run a method through the suite and write ``results.json`` + ``predictions.jsonl``; returns the run dir.
+
+    A run directory that holds a checkpoint of the same configuration and seed continues after
+    its last finished stage; one that holds finished results of it is left as it is.
+    """
     reporter = reporter or Reporter()
     suite = options.suite
     method = build_method(options.method, options.method_overrides)
-    run_dir = options.results_dir / suite.name / options.method / (options.run_id or f"seed{options.seed}")
-    started = datetime.now(timezone.utc)
+    run_dir = options.run_dir
     wall_start = time.perf_counter()
 
     data = materialize(suite, options.seed, options.data_root)
@@ -165,44 +309,78 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
         model_dir, base_hash = prepare_base(suite, report=reporter.step)
     else:
         model_dir, base_hash = Path(options.model), f"external:{options.model}"
+    steps_per_task = options.steps_per_task or suite.training.steps_per_task
+    config = resolved_config(options, method, data, base_hash, steps_per_task)
+
+    with run_lock(run_dir):
+        if fresh:
+            clear_run(run_dir)
+        finished = run_dir / "results.json"
+        if finished.is_file():
+            info = read_json(finished).get("run_info", {})
+            _check_same_setup(run_dir, "results.json", info, config, options.seed)
+            if info.get("status") == "complete":
+                reporter.message(f"{finished} is already complete (pass --fresh to run again)")
+                return run_dir
+        checkpoint = load_checkpoint(run_dir)
+        if checkpoint is not None:
+            _check_same_setup(run_dir, "checkpoint", checkpoint.state, config, options.seed)
+        atomic_write_json(run_dir / REQUEST_FILE, options.request())
+        return _run_stages(options, method, run_dir, data, model_dir, base_hash, config, steps_per_task, checkpoint,
+                           reporter, wall_start, keep_checkpoint)
+
+
+def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteData, model_dir: Path, base_hash: str,
+                config: dict[str, Any], steps_per_task: int, checkpoint: Checkpoint | None, reporter: Reporter,
+                wall_start: float, keep_checkpoint: bool) -> Path:
+    suite = options.suite
+    commit = provenance()["git_commit"]
     seed_everything(options.seed)
     base_model, processor = load_model(model_dir)
     model = method.wrap_model(base_model, suite.task_names)
     collator = Collator(processor)
     plan = build_eval_plan(suite, data, collator, options.seed)
     task_names = suite.task_names
-    steps_per_task = options.steps_per_task or suite.training.steps_per_task
     stage_plan = method.stage_plan(task_names, steps_per_task)
-    n_rows = len(task_names) + 1
-
-    matrices = {g: {k: np.full((n_rows, len(sets)), np.nan) for k in MATRIX_KINDS} for g, sets in plan.groups().items()}
     columns = {g: [s.name for s in sets] for g, sets in plan.groups().items()}
-    predictions: list[dict] = []
-    corpus_scores: list[dict] = []  # caption metrics (BLEU-4, ROUGE-L, ...) and skipped ones, per evaluation
-    timings: list[dict] = []
-    stage_facts: list[dict] = []
+
+    if checkpoint is None:
+        n_rows = len(task_names) + 1
+        progress = Progress({g: {k: np.full((n_rows, len(sets)), np.nan) for k in MATRIX_KINDS} for g, sets in plan.groups().items()})
+        progress.trained = trainable_names(model)
+        progress.started = datetime.now(timezone.utc).isoformat()
+    else:
+        progress = Progress.from_json(checkpoint.state["progress"], checkpoint.predictions)
+        load_model_tensors(model, checkpoint.model, run_dir / f"checkpoint-stage{checkpoint.stage}")
+        method.load_state_dict(checkpoint.method)
+        restore_rng(checkpoint.state["rng"], checkpoint.rng)
+        progress.resumed_after.append(progress.completed_stage)
+        if checkpoint.state.get("git_commit") != commit:
+            reporter.message(f"warning: resuming a checkpoint written at commit {checkpoint.state.get('git_commit')}")
+        reporter.message(f"resuming {run_dir} after stage {progress.completed_stage}")
+    earlier_sessions_s = progress.elapsed_s
 
     def record(rows: tuple[int, ...], stage: int, scores: dict[str, list]) -> None:
         for group, per_set in scores.items():
             for column, set_scores in enumerate(per_set):
                 for row in rows:
-                    matrices[group]["vu"][row, column] = set_scores.vu
-                    matrices[group]["if"][row, column] = set_scores.if_rate
-                    matrices[group]["strict"][row, column] = set_scores.strict
-                predictions.extend({"stage": stage, "group": group, **p} for p in set_scores.predictions)
+                    progress.matrices[group]["vu"][row, column] = set_scores.vu
+                    progress.matrices[group]["if"][row, column] = set_scores.if_rate
+                    progress.matrices[group]["strict"][row, column] = set_scores.strict
+                progress.predictions.extend({"stage": stage, "group": group, **p} for p in set_scores.predictions)
                 if set_scores.extra or set_scores.skipped:
-                    corpus_scores.append({"stage": stage, "group": group, "set": columns[group][column],
-                                          "scores": set_scores.extra, "skipped": set_scores.skipped})
+                    progress.corpus_scores.append({"stage": stage, "group": group, "set": columns[group][column],
+                                                   "scores": set_scores.extra, "skipped": set_scores.skipped})
 
-    eval_start = time.perf_counter()
-    scores, tokens = evaluate_all(model, method, collator, plan, suite.evaluation.batch_size, 0, reporter)
-    record((0,), 0, scores)
-    timings.append({"stage": 0, "train_s": 0.0, "eval_s": time.perf_counter() - eval_start, "generated_tokens": tokens})
-    for stage, step_plan in enumerate(stage_plan, start=1):
+    stages = [(0, StagePlan((), 0, (0,))), *enumerate(stage_plan, start=1)]
+    for stage, step_plan in stages:
+        if stage <= progress.completed_stage:
+            continue
         train_seconds = 0.0
         if step_plan.tasks:
             reporter.stage(stage, step_plan.tasks, step_plan.steps)
             method.before_stage(stage, step_plan.tasks, model)
+            progress.trained |= trainable_names(model)
             samples = [
                 s
                 for task in suite.tasks
@@ -210,10 +388,14 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
                 for s in phrase_all(data.records(task.name, "train"), task.name, task.template.training_phrasings(suite.instruction_setting))
             ]
             samples = method.train_data(stage, samples)
-            log = train_stage(
-                model, method, samples, collator, suite.training, steps=step_plan.steps,
-                seed=f"{options.seed}-stage{stage}", report=reporter.step,
-            )
+            try:
+                log = train_stage(
+                    model, method, samples, collator, suite.training, steps=step_plan.steps,
+                    seed=f"{options.seed}-stage{stage}", report=reporter.step,
+                )
+            except NonFiniteLossError as error:
+                kept = f"the checkpoint after stage {progress.completed_stage} is kept" if progress.completed_stage >= 0 else "nothing was kept"
+                raise NonFiniteLossError(f"stage {stage} ({'+'.join(step_plan.tasks)}): {error}; {kept} in {run_dir}") from error
             train_seconds = log.seconds
             facts = {"tasks": list(step_plan.tasks), "final_loss": log.final_loss, "samples_per_s": log.samples_per_s,
                      **method.after_stage(stage, model, samples, collator)}
@@ -221,10 +403,17 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
         scores, tokens = evaluate_all(model, method, collator, plan, suite.evaluation.batch_size, stage, reporter)
         record(step_plan.rows, stage, scores)
         if step_plan.tasks:
-            stage_facts.append({"stage": stage, **facts, **method.evaluation_facts()})
-        timings.append({"stage": stage, "train_s": train_seconds, "eval_s": time.perf_counter() - eval_start, "generated_tokens": tokens})
+            progress.stage_facts.append({"stage": stage, **facts, **method.evaluation_facts()})
+        progress.timings.append({"stage": stage, "train_s": train_seconds, "eval_s": time.perf_counter() - eval_start, "generated_tokens": tokens})
+        progress.completed_stage = stage
+        progress.elapsed_s = earlier_sessions_s + time.perf_counter() - wall_start
+        save_checkpoint(
+            run_dir, stage,
+            {"config": config, "seed": options.seed, "git_commit": commit, "progress": progress.to_json()},
+            progress.predictions, model_tensors(model, progress.trained), method.state_dict(),
+        )
 
-    reported = {group: kinds for group, kinds in matrices.items() if columns[group]}
+    reported = {group: kinds for group, kinds in progress.matrices.items() if columns[group]}
     result = {
         "schema_version": 1,
         "run_info": {
@@ -243,18 +432,28 @@ def run(options: RunOptions, reporter: Reporter | None = None) -> Path:
             "model": str(options.model or "tiny-llava (embedded)"),
             "base_checkpoint_hash": base_hash,
             "data_hash": data.data_hash,
+            "data_recipe_hash": data.recipe_hash,
+            "config_hash": config_hash(config),
+            "config": config,
+            "request": options.request(),
             **provenance(),
-            "started": started.isoformat(),
+            "started": progress.started,
             "finished": datetime.now(timezone.utc).isoformat(),
+            "resumed_after_stages": progress.resumed_after,
             "status": "complete",
         },
         "matrices": reported,
         "metrics": all_metrics(reported),
-        "corpus_scores": corpus_scores,
-        "stages": stage_facts,
-        "timings": {"total_s": time.perf_counter() - wall_start, "stages": timings},
+        "corpus_scores": progress.corpus_scores,
+        "stages": progress.stage_facts,
+        "timings": {"total_s": earlier_sessions_s + time.perf_counter() - wall_start, "stages": progress.timings},
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in to_jsonable(predictions)))
+    atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in to_jsonable(progress.predictions)))
     atomic_write_json(run_dir / "results.json", to_jsonable(result))
+    if not keep_checkpoint:
+        remove_checkpoints(run_dir)
     return run_dir
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if parameter.requires_grad}

@@ -24,18 +24,20 @@ def smoke_run(method: str, results_dir: Path, seed: int = 0, **overrides) -> dic
 
 
 @pytest.fixture(scope="module")
-def seqlora_result(tmp_path_factory) -> tuple[dict, Path]:
-    results_dir = tmp_path_factory.mktemp("results")
-    return smoke_run("seqlora", results_dir), results_dir
+def seqlora_result(uninterrupted_smoke) -> tuple[dict, Path]:
+    return uninterrupted_smoke("seqlora")
 
 
 def test_results_follow_the_schema(seqlora_result):
-    result, results_dir = seqlora_result
+    result, run_dir = seqlora_result
     assert set(result) >= {"run_info", "matrices", "metrics", "timings"}
     info = result["run_info"]
     assert info["status"] == "complete" and info["task_order"] == ["mcq", "ocr", "caption", "classify", "relation", "vqa"]
-    for key in ("base_checkpoint_hash", "data_hash", "versions", "git_commit", "seed", "method_config"):
+    for key in ("base_checkpoint_hash", "data_hash", "data_recipe_hash", "versions", "git_commit", "git_dirty", "seed",
+                "method_config", "config", "config_hash", "request"):
         assert key in info
+    assert info["config"]["suite"]["tasks"][0]["template"]["train"], "the resolved config includes the phrasings"
+    assert not (run_dir / "checkpoint.json").exists() and not list(run_dir.glob("checkpoint-stage*")), "a finished run drops its checkpoint"
     seen = result["matrices"]["seen"]
     assert set(seen) == {"vu", "if", "strict"}
     assert np.asarray(seen["vu"], dtype=float).shape == (7, 6)
@@ -48,7 +50,7 @@ def test_results_follow_the_schema(seqlora_result):
     assert [c["stage"] for c in captions if c["group"] == "seen"] == list(range(7))
     assert {"CIDEr", "BLEU-4", "ROUGE-L"} <= set(captions[0]["scores"])
     assert "SPICE" in captions[0]["skipped"]
-    predictions = (results_dir / SMOKE / "seqlora" / "seed0" / "predictions.jsonl").read_text().splitlines()
+    predictions = (run_dir / "predictions.jsonl").read_text().splitlines()
     first = json.loads(predictions[0])
     assert {"stage", "group", "set", "id", "prediction", "vu", "if_pass", "if_reason"} <= set(first)
     # 7 evaluations x (6 seen + 6 held-out + 3 unseen sets of 4 + one 2-shot set of 4) samples
@@ -60,6 +62,7 @@ def test_same_seed_gives_identical_matrices(seqlora_result, tmp_path):
     again = smoke_run("seqlora", tmp_path)
     assert again["matrices"] == first["matrices"]
     assert again["run_info"]["data_hash"] == first["run_info"]["data_hash"]
+    assert again["run_info"]["config_hash"] == first["run_info"]["config_hash"]
 
 
 def test_different_seed_gives_different_data(seqlora_result, tmp_path):
@@ -67,11 +70,13 @@ def test_different_seed_gives_different_data(seqlora_result, tmp_path):
     other = smoke_run("seqlora", tmp_path, seed=1)
     assert other["run_info"]["data_hash"] != first["run_info"]["data_hash"]
     assert other["run_info"]["base_checkpoint_hash"] == first["run_info"]["base_checkpoint_hash"]
+    assert other["run_info"]["data_recipe_hash"] == first["run_info"]["data_recipe_hash"]
+    assert other["run_info"]["config_hash"] == first["run_info"]["config_hash"], "seeds of one setup share a config"
 
 
 @pytest.mark.parametrize("method", sorted(set(METHODS.names()) - {"seqlora"}))
-def test_every_method_completes_the_smoke_suite(method, tmp_path):
-    result = smoke_run(method, tmp_path)
+def test_every_method_completes_the_smoke_suite(method, uninterrupted_smoke):
+    result, _ = uninterrupted_smoke(method)
     vu = np.asarray(result["matrices"]["seen"]["vu"], dtype=float)
     assert not np.isnan(vu).any()
     if method in ("joint", "zeroshot"):
@@ -96,6 +101,10 @@ def test_cli_run_prints_the_summary(tmp_path):
         (["--suite", "cvit-v2", "--method", "seqlora"], "did you mean 'cvit-v1'"),
         (["--suite", SMOKE, "--method", "seqlroa"], "did you mean 'seqlora'"),
         (["--suite", SMOKE, "--method", "seqlora", "--option", "rank=4"], "unknown option(s) ['rank']"),
+        (["--suite", SMOKE, "--method", "seqlora", "--option", "r=four"], "option r='four' must be int"),
+        (["--suite", SMOKE, "--method", "seqlora", "--option", "lr=fast"], "option lr='fast' must be float or null"),
+        (["--suite", SMOKE, "--method", "seqlora", "--option", "r"], "--option 'r': expected KEY=VALUE"),
+        (["--suite", SMOKE], "pass --method (or --resume RUN_DIR)"),
     ],
 )
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, message):

@@ -29,7 +29,8 @@ def make_result(method, seed, metrics, *, suite=SUITE, total_s=100.0, status="co
         "run_info": {
             "suite": suite, "method": method, "method_config": {"rank": 8}, "seed": seed,
             "task_order": TASKS, "unseen_tasks": ["scene"], "heldout_tasks": TASKS,
-            "model": "tiny-llava", "base_checkpoint_hash": "b1", "data_hash": "d1",
+            "model": "tiny-llava", "base_checkpoint_hash": "b1", "data_hash": f"d{seed}",
+            "data_recipe_hash": "r1", "config_hash": "c1", "config": {"steps_per_task": 100},
             "finished": "2026-01-01T00:00:00", "status": status, **run_info,
         },
         "matrices": {
@@ -89,13 +90,27 @@ def test_equal_ap_is_ordered_by_method_name():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("data_hash", "d2"), ("base_checkpoint_hash", "b2"), ("method_config", {"rank": 16})],
+    [("data_recipe_hash", "r2"), ("base_checkpoint_hash", "b2"), ("method_config", {"rank": 16})],
 )
 def test_refuses_to_average_runs_with_different_setups(field, value):
     runs = three_runs()
     runs[0]["run_info"][field] = value
     with pytest.raises(ValueError, match=f"seqlora runs with different {field}"):
         build_leaderboard(runs)
+
+
+def test_refusal_of_a_different_config_names_the_differing_key():
+    runs = three_runs()
+    runs[0]["run_info"].update(config_hash="c2", config={"steps_per_task": 50})
+    with pytest.raises(ValueError, match=r"different config_hash \(steps_per_task\)"):
+        build_leaderboard(runs)
+
+
+def test_seeds_with_different_generated_data_share_one_row():
+    """Generated data is seed-specific (data_hash differs); the recipe is what must match."""
+    runs = three_runs()
+    assert runs[0]["run_info"]["data_hash"] != runs[2]["run_info"]["data_hash"]
+    assert build_leaderboard(runs).set_index("method").loc["seqlora", "n_seeds"] == 2
 
 
 def test_duplicate_seed_error_names_both_result_files(tmp_path):

@@ -107,7 +107,13 @@ class Method:
 
     # --- resume -------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Method state that is not a model parameter (routers, Fisher, bases, EMA)."""
+        """State that outlives a stage and is not in the model (bases, Fisher, frozen-row masks, replay memory).
+
+        Stage checkpoints store this next to every parameter that has been trainable and every
+        buffer; a resumed run rebuilds the model with the same seed, loads both, and must then
+        behave exactly as the uninterrupted run did. Per-stage scratch (EMA within a stage,
+        optimizer moments) need not be saved: a stage never resumes half-way.
+        """
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

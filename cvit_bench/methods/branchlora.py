@@ -228,6 +228,14 @@ class BranchLora(Method):
         counts = [len(rows) for rows in frozen.values()]
         return {"frozen_branches_per_layer": {"min": min(counts, default=0), "max": max(counts, default=0)}}
 
+    # --- resume ------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"trained": torch.tensor(self.trained), **self.freezer.state_dict(self._model)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.trained = int(state["trained"])
+        self.freezer.load_state_dict(state, self._model)
+
     def evaluation_facts(self) -> dict[str, Any]:
         hits, self.selection_hits = self.selection_hits, {}
         if not hits:

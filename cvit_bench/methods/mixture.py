@@ -137,6 +137,20 @@ class SliceFreezer:
         for parameter, (mask, saved) in self.frozen.items():
             parameter[mask] = saved[mask]
 
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Frozen-row masks by parameter name; the frozen values live in the model's own weights."""
+        names = {parameter: name for name, parameter in model.named_parameters()}
+        return {f"frozen.{names[parameter]}": mask for parameter, (mask, _) in self.frozen.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+        """Re-freeze the saved rows at the model's current (restored) values, which are the values they were frozen at."""
+        parameters = dict(model.named_parameters())
+        self.frozen = {}
+        for key, mask in state.items():
+            if key.startswith("frozen."):
+                parameter = parameters[key.removeprefix("frozen.")]
+                self.frozen[parameter] = (mask.clone(), parameter.detach().clone())
+
     def frozen_rows(self, parameter: nn.Parameter) -> list[int]:
         entry = self.frozen.get(parameter)
         return [] if entry is None else entry[0].nonzero().flatten().tolist()

@@ -66,6 +66,14 @@ class Pegp(Method):
                 self.layers[name] = ProtectedLora(a, b, InputBasis(a.shape[1]), InputBasis(a.shape[0]))
         return model
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{side}": getattr(layer, f"{side}_basis").basis for name, layer in self.layers.items() for side in ("x", "h")}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, layer in self.layers.items():
+            for side in ("x", "h"):
+                getattr(layer, f"{side}_basis").basis = state[f"{name}.{side}"].clone()
+
     def _protected(self) -> list[tuple[nn.Parameter, InputBasis]]:
         return [pair for layer in self.layers.values() for pair in ((layer.a, layer.x_basis), (layer.b, layer.h_basis)) if pair[1].size]
 

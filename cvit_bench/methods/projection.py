@@ -42,7 +42,7 @@ class InputBasis:
         keep = min(keep, covariance.shape[0] - self.size)
         if keep:
             combined = torch.cat([self.basis, eigenvectors[:, :keep]], dim=1)
-            self.basis = torch.linalg.qr(combined).Q
+            self.basis = torch.linalg.qr(combined).Q.contiguous()  # one memory layout, so a restored basis multiplies bit-identically
         return keep
 
     def project_out(self, matrix: torch.Tensor) -> torch.Tensor:

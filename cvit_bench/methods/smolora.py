@@ -9,7 +9,6 @@ token with a softmax. Routers are buffers: never trained, saved with the model.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from typing import ContextManager

@@ -20,13 +20,17 @@ import pandas as pd
 from filelock import FileLock
 
 from cvit_bench.io import atomic_write_text, read_json
+from cvit_bench.paths import config_differences
 
 METRIC_COLUMNS = [
     "AP", "MAP", "MFT", "BWT", "forgetting", "FWT", "MIF",
     "IF-AP", "IF-BWT", "unseen_AP", "heldout_AP", "robustness_gap",
 ]
-# Runs that differ in any of these measure different things and must not share a mean.
-SETUP_FIELDS = ("data_hash", "method_config", "base_checkpoint_hash")
+# Runs that differ in any of these measure different things and must not share a mean. Generated
+# data differs per seed by design, so seeds are compared on the data recipe; config_hash covers
+# everything else that is not the seed (suite spec, steps, model); the specific fields come first
+# for clearer messages.
+SETUP_FIELDS = ("data_recipe_hash", "base_checkpoint_hash", "method_config", "config_hash")
 COLUMNS = [
     "method",
     *(f"{metric}_{stat}" for metric in METRIC_COLUMNS for stat in ("mean", "std")),
@@ -119,9 +123,10 @@ def _refuse_mixed_setups(method: str, runs: list[dict]) -> None:
     for run in runs[1:]:
         for field in SETUP_FIELDS:
             if _canonical(reference["run_info"].get(field)) != _canonical(run["run_info"].get(field)):
+                detail = config_differences(reference["run_info"].get("config") or {}, run["run_info"].get("config") or {})
                 raise ValueError(
-                    f"refusing to average {method} runs with different {field}: "
-                    f"{_describe(reference)} and {_describe(run)}"
+                    f"refusing to average {method} runs with different {field}"
+                    f"{' (' + ', '.join(detail) + ')' if detail else ''}: {_describe(reference)} and {_describe(run)}"
                 )
 
 

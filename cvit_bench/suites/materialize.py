@@ -22,10 +22,16 @@ PRETRAIN_TASK = "pretrain"
 
 @dataclass(frozen=True)
 class SuiteData:
-    """Where each task's LLaVA-format files are, and the hash of all of them."""
+    """Where each task's LLaVA-format files are, the hash of all of them, and the hash of how they were made.
+
+    Generated data differs per run seed by design, so runs of different seeds share a
+    ``recipe_hash`` (generator, sizes, suite seed) but not a ``data_hash``; for real data the
+    two are the same content hash.
+    """
 
     root: Path
     data_hash: str
+    recipe_hash: str
 
     def records(self, task: str, split: str) -> list[Record]:
         folder = self.root / task
@@ -44,9 +50,10 @@ def _task_sizes(task: TaskSpec) -> dict[str, int]:
     return sizes
 
 
-def _generate(name: str, plan: dict[str, tuple[str, dict[str, int]]], seed: int, image_size: int) -> SuiteData:
+def _generate(name: str, plan: dict[str, tuple[str, dict[str, int]]], seed: int, image_size: int, recipe_seed: int) -> SuiteData:
     """Generate ``plan`` (task -> kind, sizes) once into the cache; a staging folder is renamed when complete."""
-    key = config_hash({"seed": seed, "image_size": image_size, "plan": plan, "generator": _generator_fingerprint()})
+    recipe = {"image_size": image_size, "plan": plan, "generator": _generator_fingerprint()}
+    key = config_hash({"seed": seed, **recipe})
     root = cache_dir() / "data" / f"{name}-{key}"
     if not (root / "DATA_HASH").is_file():
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +68,7 @@ def _generate(name: str, plan: dict[str, tuple[str, dict[str, int]]], seed: int,
             staging.rename(root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return SuiteData(root, (root / "DATA_HASH").read_text().strip())
+    return SuiteData(root, (root / "DATA_HASH").read_text().strip(), config_hash({"suite_seed": recipe_seed, **recipe}))
 
 
 def materialize(suite: Suite, seed: int, data_root: Path | None = None) -> SuiteData:
@@ -69,11 +76,12 @@ def materialize(suite: Suite, seed: int, data_root: Path | None = None) -> Suite
     if suite.data_source == "llava":
         if data_root is None:
             raise DataError(f"{suite.path}: suite {suite.name!r} reads real data: pass --data-root")
-        return SuiteData(Path(data_root), tree_hash(Path(data_root)))
+        digest = tree_hash(Path(data_root))
+        return SuiteData(Path(data_root), digest, digest)
     plan = {task.name: (task.kind, _task_sizes(task)) for task in suite.tasks + suite.unseen}
-    return _generate(suite.name, plan, suite.seed * 1_000_003 + seed, suite.image_size)
+    return _generate(suite.name, plan, suite.seed * 1_000_003 + seed, suite.image_size, suite.seed)
 
 
 def materialize_pretrain_corpus(suite: Suite, size: int) -> SuiteData:
     """The base-stage corpus depends on the suite seed only, so every run seed shares one base checkpoint."""
-    return _generate(f"{suite.name}-{PRETRAIN_TASK}", {PRETRAIN_TASK: (PRETRAIN_TASK, {"train": size})}, suite.seed, suite.image_size)
+    return _generate(f"{suite.name}-{PRETRAIN_TASK}", {PRETRAIN_TASK: (PRETRAIN_TASK, {"train": size})}, suite.seed, suite.image_size, suite.seed)
