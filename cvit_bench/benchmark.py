@@ -24,7 +24,8 @@ from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.runner import build_method, seed_everything
 from cvit_bench.suites.materialize import materialize
 from cvit_bench.suites.schema import Suite
-from cvit_bench.training.loop import make_optimizer, shuffled_batches, train_step
+from cvit_bench.training.batches import shuffled_batches
+from cvit_bench.training.loop import make_optimizer, train_step
 
 REFERENCE_METHOD = "seqlora"
 

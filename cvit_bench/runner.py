@@ -117,7 +117,11 @@ def build_method(name: str, overrides: dict[str, Any]) -> Method:
     unknown = sorted(set(overrides) - set(hints))
     if unknown:
         raise ConfigError(f"method {name!r}: unknown option(s) {unknown} (valid: {sorted(hints)})")
-    return cls(cls.config_class(**{key: _typed_option(name, key, value, hints[key]) for key, value in overrides.items()}))
+    try:
+        config = cls.config_class(**{key: _typed_option(name, key, value, hints[key]) for key, value in overrides.items()})
+    except ValueError as error:  # a config's own validation (__post_init__)
+        raise ConfigError(f"method {name!r}: {error}") from None
+    return cls(config)
 
 
 def _typed_option(method: str, key: str, value: Any, hint: Any) -> Any:

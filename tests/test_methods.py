@@ -1,6 +1,7 @@
 """Mechanism tests: each fails if its method's defining mechanism is removed."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -16,6 +17,7 @@ from cvit_bench.methods.mixture import MixtureLoraLinear
 from cvit_bench.methods.projection import InputBasis
 from cvit_bench.models.backend import load_model
 from cvit_bench.models.base_checkpoint import prepare_base
+from cvit_bench.registry import ConfigError
 from cvit_bench.runner import build_method
 from cvit_bench.suites.materialize import materialize
 from cvit_bench.suites.schema import load_suite
@@ -216,6 +218,74 @@ def test_llaca_final_weights_equal_the_ema(smoke):
     beta = facts["llaca_beta"]
     assert beta["steps"] == 5 and beta["steps_all_fallback"] >= 1  # the first update has no previous gradient
     assert beta["min"] > 0 and beta["max"] < 1
+
+
+# --- replay, EWC, LwF --------------------------------------------------------------------
+def test_replay_batches_hold_old_tasks_at_the_set_fraction(smoke):
+    model, method, collator = fresh(smoke, "replay", memory_size=10, fraction=0.25)
+    _, _, samples = smoke
+    train(smoke, model, method, collator, "mcq", 1, steps=2)
+    seen: list[list[str]] = []
+    method.batch_context = lambda chunk, batch: seen.append([s.task for s in chunk]) or contextlib.nullcontext()
+    facts = train(smoke, model, method, collator, "ocr", 2, steps=5)
+    assert len(seen) == 5 and all(len(b) == 4 for b in seen)  # smoke batch size 4: round(0.25 * 4) = 1 from memory
+    assert all(b.count("mcq") == 1 and b.count("ocr") == 3 for b in seen)
+    assert len(method.memory) == 10 and facts["memory_per_task"]["mcq"] + facts["memory_per_task"]["ocr"] == 10
+    assert facts["memory_per_task"]["ocr"] > 0, "the reservoir admits later tasks"
+
+
+def test_replay_quota_policy_and_memory_survive_a_restart(smoke):
+    _, _, samples = smoke
+    method = build_method("replay", {"memory_size": 9, "policy": "quota"})
+    method.after_stage(1, None, samples["mcq"], None)
+    assert [s.task for s in method.memory] == ["mcq"] * 9
+    method.after_stage(2, None, samples["ocr"], None)
+    assert sorted(s.task for s in method.memory) == ["mcq"] * 4 + ["ocr"] * 4  # 9 // 2 per task
+    restored = build_method("replay", {"memory_size": 9, "policy": "quota"})
+    restored.load_state_dict(st.load(st.save(method.state_dict())))
+    assert restored.memory == method.memory and restored.seen == method.seen
+
+
+def test_replay_rejects_a_bad_policy():
+    with pytest.raises(ConfigError, match="replay policy 'fifo'"):
+        build_method("replay", {"policy": "fifo"})
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically(smoke):
+    model, method, collator = fresh(smoke, "ewc", fisher_samples=4)
+    assert method.penalty() is None, "no penalty before the first task ends"
+    facts = train(smoke, model, method, collator, "mcq", 1, steps=2)
+    assert facts["fisher_sum"] > 0
+    assert float(method.penalty().detach()) == 0.0
+    direction = [torch.randn_like(p) for p in method.params]
+    values = []
+    for scale in (1e-3, 2e-3, 4e-3):
+        with torch.no_grad():
+            for parameter, anchor, step in zip(method.params, method.anchor, direction):
+                parameter.copy_(anchor + scale * step)
+        values.append(float(method.penalty().detach()))
+    assert 0 < values[0] < values[1] < values[2]
+    assert values[1] / values[0] == pytest.approx(4, rel=1e-3) and values[2] / values[1] == pytest.approx(4, rel=1e-3)
+    fisher_after_one = [f.clone() for f in method.fisher]
+    train(smoke, model, method, collator, "ocr", 2, steps=2)
+    assert all((new >= old).all() for new, old in zip(method.fisher, fisher_after_one)), "Fisher accumulates over tasks"
+
+
+def test_lwf_loss_is_zero_for_the_teacher_and_reads_only_answer_tokens(smoke):
+    model, method, collator = fresh(smoke, "lwf")
+    _, _, samples = smoke
+    train(smoke, model, method, collator, "mcq", 1, steps=2)
+    method.before_stage(2, ("ocr",), model)
+    batch = collator.train_batch(samples["ocr"][:4])
+    outputs = model(**batch)
+    assert float(method.extra_loss(batch, outputs).detach()) == pytest.approx(0.0, abs=1e-7)
+    predicts_answer = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    predicts_answer[:, :-1] = batch["labels"][:, 1:] != -100  # logits at i predict token i + 1
+    noise = 5 * torch.randn_like(outputs.logits)
+    elsewhere = outputs.logits.detach() + noise * (~predicts_answer).unsqueeze(-1)
+    assert float(method.extra_loss(batch, type(outputs)(logits=elsewhere))) == pytest.approx(0.0, abs=1e-7)
+    on_answers = outputs.logits.detach() + noise * predicts_answer.unsqueeze(-1)
+    assert float(method.extra_loss(batch, type(outputs)(logits=on_answers))) > 0.1
 
 
 # --- PEGP ------------------------------------------------------------------------------

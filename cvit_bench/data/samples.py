@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -44,6 +44,18 @@ class Sample:
     def scoring_fields(self) -> dict:
         """What a scorer reads, as the plain dict the scorers take."""
         return {"answer": self.answer, "answers": list(self.answers), "options": list(self.options), "box": list(self.box)}
+
+    def to_json(self) -> dict:
+        """Plain JSON (a replay memory is saved with the run's checkpoints)."""
+        fields = asdict(self)
+        fields["turns"] = [{**turn, "image": str(turn["image"])} for turn in fields["turns"]]
+        return fields
+
+    @classmethod
+    def from_json(cls, fields: dict) -> Sample:
+        turns = tuple(Turn(Path(t["image"]), t["prompt"], t["reply"]) for t in fields["turns"])
+        tuples = {key: tuple(fields[key]) for key in ("answers", "options", "box")}
+        return cls(**{**fields, "turns": turns, **tuples})
 
 
 def render_target(contract: str, answer: str) -> str:

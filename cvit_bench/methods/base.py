@@ -16,6 +16,7 @@ from torch import nn
 from cvit_bench.data.samples import Sample
 from cvit_bench.models.backend import projector_parameters, vision_parameters
 from cvit_bench.registry import Registry
+from cvit_bench.training.batches import shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,12 @@ class Method:
         return contextlib.nullcontext()
 
     def train_data(self, stage: int, samples: list[Sample]) -> list[Sample]:
-        """The samples the stage trains on (replay mixes memory in here)."""
+        """The samples the stage trains on (and that ``after_stage`` sees)."""
         return samples
+
+    def training_batches(self, samples: list[Sample], batch_size: int, seed: str) -> Iterator[list[Sample]]:
+        """The stage's endless batch stream (replay mixes its memory into every batch here)."""
+        return shuffled_batches(samples, batch_size, seed)
 
     def extra_loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
         """A regulariser added to the cross-entropy (EWC, LwF, O-LoRA)."""

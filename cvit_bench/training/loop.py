@@ -9,10 +9,9 @@ Loss is read back to the host only every ``log_every`` steps.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,19 +31,6 @@ class StageLog:
     final_loss: float
     seconds: float
     samples_per_s: float
-
-
-def shuffled_batches(samples: list[Sample], batch_size: int, seed: str) -> Iterator[list[Sample]]:
-    """Endless reshuffled epochs, deterministic per seed string."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        if len(order) < batch_size:
-            extra = list(range(len(samples)))
-            rng.shuffle(extra)
-            order.extend(extra)
-        yield [samples[i] for i in order[:batch_size]]
-        del order[:batch_size]
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -100,7 +86,7 @@ def train_stage(
     """Train ``steps`` optimizer steps on ``samples``; returns loss and throughput."""
     model.train()
     optimizer, scheduler, trainable = make_optimizer(model, method, config, steps)
-    batches = shuffled_batches(samples, config.batch_size, seed)
+    batches = method.training_batches(samples, config.batch_size, seed)
     window_loss = torch.zeros(())
     last_loss, start, window_start = float("nan"), time.perf_counter(), time.perf_counter()
     for step in range(1, steps + 1):
