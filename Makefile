@@ -3,8 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUITE ?= cvit-v1
 METHOD ?= seqlora
+JOBS ?= 2
+SEEDS ?= 0,1,2
 
-.PHONY: install run test test-all prepare report bench clean
+.PHONY: install run test prepare report bench check leaderboard clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +28,15 @@ report: install
 
 bench: install
 	$(VENV)/bin/cvit-bench bench --suite $(SUITE)
+
+check: install
+	$(VENV)/bin/cvit-bench check --suite cvit-v1-check
+
+# Every method x 3 seeds on cvit-v1 and its multi-type twin, then the CSVs. Interrupted runs resume.
+leaderboard: install
+	$(VENV)/bin/cvit-bench run --suite cvit-v1 --method all --seeds $(SEEDS) --jobs $(JOBS)
+	$(VENV)/bin/cvit-bench run --suite cvit-v1-multi --method all --seeds $(SEEDS) --jobs $(JOBS)
+	$(VENV)/bin/cvit-bench report
 
 test: install
 	$(VENV)/bin/pytest -q

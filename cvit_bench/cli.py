@@ -87,8 +87,11 @@ def _parse_options(options: list[str]) -> dict:
 @app.command()
 def run(
     suite: str = typer.Option("cvit-v1", help="suite name (see `cvit-bench ls`) or path to a suite YAML"),
-    method: Optional[str] = typer.Option(None, help="method name (see `cvit-bench ls`)"),
+    method: Optional[str] = typer.Option(None, help="method name (see `cvit-bench ls`), comma-separated names, or `all`"),
     seed: int = typer.Option(0, help="fixes data generation, initialisation and batch order"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (instead of --seed): one run per method and seed"),
+    jobs: int = typer.Option(1, help="runs of a sweep (several methods or seeds) executed at once, as child processes"),
+    threads: Optional[int] = typer.Option(None, help="torch threads per run (default: all cores, divided by --jobs in a sweep)"),
     results_dir: Path = typer.Option(Path("results"), help="results are written to DIR/<suite>/<method>/<run-id>/"),
     model: Optional[str] = typer.Option(None, help="local checkpoint dir or hub id (default: the suite's embedded tiny LLaVA)"),
     data_root: Optional[Path] = typer.Option(None, help="root of LLaVA-format data for real suites"),
@@ -113,7 +116,21 @@ def run(
         elif method is None:
             raise ConfigError("run: pass --method (or --resume RUN_DIR)")
         else:
-            options = RunOptions(load_suite(suite), method, seed, results_dir, model, data_root, _parse_options(option), steps_per_task, run_id)
+            methods, seed_list = _sweep_axes(method, seeds, seed)
+            if len(methods) * len(seed_list) > 1:
+                if run_id is not None:
+                    raise ConfigError("run: --run-id names one run; a sweep writes seed<N> directories")
+                extra = [arg for item in option for arg in ("--option", item)]
+                extra += [*(["--steps-per-task", str(steps_per_task)] if steps_per_task else []), *(["--model", model] if model else []),
+                          *(["--data-root", str(data_root)] if data_root else []), *(["--fresh"] if fresh else []),
+                          *(["--keep-checkpoint"] if keep_checkpoint else [])]
+                _sweep(load_suite(suite), suite, methods, seed_list, results_dir, jobs, threads, extra)
+                return
+            options = RunOptions(load_suite(suite), methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option), steps_per_task, run_id)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         with _progress() as progress:
             run_dir = run_suite(options, RichReporter(progress), fresh=fresh, keep_checkpoint=keep_checkpoint)
     except USER_ERRORS as error:
@@ -123,6 +140,50 @@ def run(
     result = read_json(run_dir / "results.json")
     console.print(run_summary_table(result))
     console.print(f"results: {run_dir / 'results.json'}  ({result['timings']['total_s']:.0f} s)")
+
+
+def _sweep_axes(method: str, seeds: str | None, seed: int) -> tuple[list[str], list[int]]:
+    from cvit_bench.methods import METHODS
+
+    methods = list(METHODS.names()) if method == "all" else [name.strip() for name in method.split(",") if name.strip()]
+    for name in methods:
+        METHODS.get(name)  # unknown names fail before anything starts
+    return methods, [seed] if seeds is None else _parse_seeds(seeds)
+
+
+def _parse_seeds(seeds: str) -> list[int]:
+    try:
+        return [int(value) for value in seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+
+
+def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results_dir: Path, jobs: int, threads: int | None, extra: list[str]) -> None:
+    """Every (method, seed) as a child `cvit-bench run`; failures are listed with their logs and make the exit code 1."""
+    from cvit_bench.models.base_checkpoint import prepare_base
+    from cvit_bench.suites.materialize import materialize
+    from cvit_bench.sweep import default_threads, plan_sweep, run_sweep
+
+    if loaded.data_source != "llava":  # generate each seed's data and the shared base once, not in every child at once
+        with _progress() as progress:
+            reporter = RichReporter(progress)
+            progress.update(reporter.task_id, description="data and base checkpoint")
+            for seed in seeds:
+                materialize(loaded, seed)
+            if "--model" not in extra:
+                prepare_base(loaded, report=reporter.step)
+    threads = threads or default_threads(jobs)
+    runs = plan_sweep(suite_ref, loaded.name, methods, seeds, results_dir, threads, extra)
+    console.print(f"sweep: {len(runs)} runs of {loaded.name} ({len(methods)} methods x seeds {seeds}), {jobs} at a time, {threads} threads each")
+
+    def done(outcome, finished: int, total: int) -> None:
+        state = "[green]ok[/]" if outcome.returncode == 0 else f"[red]failed (exit {outcome.returncode})[/], see {outcome.log}"
+        console.print(f"[{finished}/{total}] {outcome.run.method} seed {outcome.run.seed}: {state} ({outcome.seconds:.0f} s)", highlight=False)
+
+    failed = [o for o in run_sweep(runs, jobs, threads, done) if o.returncode != 0]
+    if failed:
+        console.print(f"[bold red]{len(failed)} of {len(runs)} runs failed[/]; re-run the same command to retry them (finished runs are skipped)")
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -240,3 +301,62 @@ def bench(
     console.print(table)
     atomic_write_json(out, rows_to_json(rows, loaded, steps, warmup))
     console.print(f"wrote {out}")
+
+
+@app.command()
+def check(
+    suite: str = typer.Option("cvit-v1-check", help="suite to re-run; its bands are read from checks/<suite>.yaml"),
+    method: list[str] = typer.Option([], help="methods to check (repeatable; default: all in the bands file); with --record, the methods to record"),
+    record: bool = typer.Option(False, help="run the methods with --seeds and rewrite the bands file instead of checking"),
+    seeds: str = typer.Option("0,1,2", help="seeds whose spread defines the bands (with --record; the first becomes the check seed)"),
+    k: float = typer.Option(3.0, help="band half-width in sample standard deviations (with --record)"),
+    results_dir: Optional[Path] = typer.Option(None, help="keep the runs here (default: a temporary directory; an existing one is resumed)"),
+) -> None:
+    """CI regression check: re-run a fixed set of methods and seeds; fail with a table of every metric outside its band."""
+    import tempfile
+
+    from cvit_bench.io import read_json
+    from cvit_bench.regression import bands_path, compare, derive_bands, load_bands, write_bands
+    from cvit_bench.runner import RunOptions, run as run_suite
+
+    try:
+        loaded = load_suite(suite)
+        path = bands_path(loaded.name)
+        if record:
+            if not method:
+                raise ConfigError("check --record: name the methods to record with --method")
+            seed_list = _parse_seeds(seeds)
+            plan = {name: seed_list for name in _sweep_axes(",".join(method), None, 0)[0]}
+        else:
+            bands = load_bands(path)
+            unknown = sorted(set(method) - set(bands.bands))
+            if unknown:
+                raise ConfigError(f"{path}: no bands for {unknown} (recorded: {sorted(bands.bands)})")
+            plan = {name: list(bands.check_seeds) for name in (method or sorted(bands.bands))}
+        with tempfile.TemporaryDirectory(prefix="cvit-check-") as scratch:
+            directory = results_dir or Path(scratch)
+            results: dict[str, list[dict]] = {}
+            with _progress() as progress:
+                reporter = RichReporter(progress)
+                for name, name_seeds in plan.items():
+                    for seed in name_seeds:
+                        reporter.message(f"{name} seed {seed}")
+                        run_dir = run_suite(RunOptions(loaded, name, seed, directory), reporter)
+                        results.setdefault(name, []).append(read_json(run_dir / "results.json"))
+    except USER_ERRORS as error:
+        fail(error)
+    if record:
+        write_bands(path, loaded.name, seed_list, seed_list[:1], k, derive_bands(results, k))
+        console.print(f"wrote {path}")
+        return
+    violations = compare(results, bands)
+    checked = sum(len(bands.bands[name]) * len(runs) for name, runs in results.items())
+    if not violations:
+        console.print(f"[green]ok[/]: {checked} values of {len(results)} methods within their bands ({path})")
+        return
+    table = Table("method", "seed", "metric", "value", "band", title=f"{len(violations)} of {checked} values outside their bands ({path})")
+    for v in violations:
+        value = "missing" if v.value is None else f"{v.value:.4g}"
+        table.add_row(v.method, str(v.seed), v.metric, f"[red]{value}[/]", f"[{v.band.low:.4g}, {v.band.high:.4g}]")
+    console.print(table)
+    raise typer.Exit(code=1)

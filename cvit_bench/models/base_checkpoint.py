@@ -115,9 +115,11 @@ def prepare_base(suite: Suite, report: Callable[[int, float, float], None] | Non
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         save_tiny(model, processor, staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished the same checkpoint first; it is identical and may be in use
+            if not (target / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target, digest

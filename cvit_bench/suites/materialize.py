@@ -63,9 +63,11 @@ def _generate(name: str, plan: dict[str, tuple[str, dict[str, int]]], seed: int,
                 task_seed = int(config_hash({"seed": seed, "task": task}, 8), 16)
                 synthetic.generate_task(kind, sizes, task_seed, staging / task, image_size=image_size)
             (staging / "DATA_HASH").write_text(tree_hash(staging))
-            if root.exists():
-                shutil.rmtree(root)
-            staging.rename(root)
+            try:
+                staging.rename(root)
+            except OSError:  # another process finished the same data first; theirs is identical and may be in use
+                if not (root / "DATA_HASH").is_file():
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return SuiteData(root, (root / "DATA_HASH").read_text().strip(), config_hash({"suite_seed": recipe_seed, **recipe}))

@@ -1,0 +1,135 @@
+"""``cvit-bench check``: re-run a fixed set of methods and seeds and compare every metric with its recorded band.
+
+Bands come from the seed spread: ``check --record`` runs each method with several seeds and
+stores, per metric, mean ± max(k · std, floor) in ``checks/<suite>.yaml``. A check then re-runs
+the file's methods with its check seeds and fails, with a readable table of what left its
+band, when any value falls outside. Besides the leaderboard metrics it checks the mean final
+training loss of the stages, which moves whenever training breaks even where accuracies
+cannot (a small suite's accuracies are coarse).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cvit_bench.io import atomic_write_text
+from cvit_bench.registry import ConfigError
+from cvit_bench.suites.schema import REPO_ROOT
+
+CHECKS_DIR = REPO_ROOT / "checks"
+CHECK_METRICS = ("AP", "MAP", "MFT", "BWT", "MIF", "IF-AP", "unseen_AP", "heldout_AP", "final_loss")
+# The narrowest band half-width per metric: points for scores, nats for the loss. Keeps a metric
+# that happens to agree across the recorded seeds from failing on an unrelated machine's rounding.
+FLOORS = {metric: 1.0 for metric in CHECK_METRICS} | {"final_loss": 0.02}
+
+
+@dataclass(frozen=True)
+class Band:
+    low: float
+    high: float
+
+    def holds(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+@dataclass(frozen=True)
+class Bands:
+    suite: str
+    check_seeds: tuple[int, ...]
+    bands: dict[str, dict[str, Band]]  # method -> metric -> band
+    path: Path
+
+
+@dataclass(frozen=True)
+class Violation:
+    method: str
+    seed: int
+    metric: str
+    value: float | None
+    band: Band
+
+
+def check_values(result: dict[str, Any]) -> dict[str, float | None]:
+    """The checked numbers of one results.json: its metrics and the mean final loss over training stages."""
+    values = {metric: result["metrics"].get(metric) for metric in CHECK_METRICS if metric != "final_loss"}
+    losses = [stage["final_loss"] for stage in result["stages"] if "final_loss" in stage]
+    values["final_loss"] = float(np.mean(losses)) if losses else None
+    return values
+
+
+def derive_bands(results: dict[str, list[dict[str, Any]]], k: float) -> dict[str, dict[str, Band]]:
+    """Per method and metric: mean ± max(k · sample std, floor) over the recorded seeds."""
+    bands: dict[str, dict[str, Band]] = {}
+    for method, runs in sorted(results.items()):
+        if len(runs) < 2:
+            raise ConfigError(f"check --record: {method} needs at least two seeds to measure a spread, got {len(runs)}")
+        bands[method] = {}
+        for metric in CHECK_METRICS:
+            values = [check_values(run)[metric] for run in runs]
+            if any(v is None for v in values):
+                continue  # undefined on this suite (e.g. no unseen tasks)
+            mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
+            half = max(k * std, FLOORS[metric])
+            bands[method][metric] = Band(round(mean - half, 4), round(mean + half, 4))
+    return bands
+
+
+def compare(results: dict[str, list[dict[str, Any]]], bands: Bands) -> list[Violation]:
+    """Every checked value outside its band (a missing or undefined value counts as outside)."""
+    violations = []
+    for method, runs in sorted(results.items()):
+        for run in runs:
+            values = check_values(run)
+            for metric, band in bands.bands[method].items():
+                value = values.get(metric)
+                if value is None or (isinstance(value, float) and math.isnan(value)) or not band.holds(value):
+                    violations.append(Violation(method, run["run_info"]["seed"], metric, value, band))
+    return violations
+
+
+def bands_path(suite: str) -> Path:
+    return CHECKS_DIR / f"{suite}.yaml"
+
+
+def write_bands(path: Path, suite: str, seeds: list[int], check_seeds: list[int], k: float, bands: dict[str, dict[str, Band]]) -> None:
+    document = {
+        "suite": suite,
+        "recorded_seeds": seeds,
+        "check_seeds": check_seeds,
+        "k": k,
+        "floors": FLOORS,
+        "methods": {m: {metric: [b.low, b.high] for metric, b in per.items()} for m, per in bands.items()},
+    }
+    header = (f"# Regression bands for `cvit-bench check --suite {suite}`: per method and metric [low, high] =\n"
+              f"# mean +- max(k * std, floor) over the recorded seeds. Rewrite with `cvit-bench check --suite {suite} --record`.\n")
+    atomic_write_text(path, header + yaml.safe_dump(document, sort_keys=False))
+
+
+def load_bands(path: Path) -> Bands:
+    """Read a bands file; a malformed one fails naming the file and field."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no bands recorded for this suite (run `cvit-bench check --suite SUITE --record`)")
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: malformed YAML ({error})") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    for key in ("suite", "check_seeds", "methods"):
+        if key not in document:
+            raise ConfigError(f"{path}: {key}: missing")
+    bands: dict[str, dict[str, Band]] = {}
+    for method, per in (document["methods"] or {}).items():
+        bands[method] = {}
+        for metric, pair in (per or {}).items():
+            if metric not in CHECK_METRICS:
+                raise ConfigError(f"{path}: methods.{method}.{metric}: unknown metric (known: {', '.join(CHECK_METRICS)})")
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair) and pair[0] <= pair[1]):
+                raise ConfigError(f"{path}: methods.{method}.{metric}: expected [low, high] with low <= high, got {pair!r}")
+            bands[method][metric] = Band(float(pair[0]), float(pair[1]))
+    return Bands(str(document["suite"]), tuple(int(s) for s in document["check_seeds"]), bands, path)
