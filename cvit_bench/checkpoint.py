@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cvit_bench.io import atomic_write_json, read_json, to_jsonable
+from cvit_bench.io import atomic_write_json, default_mode, fsync_dir, read_json, to_jsonable
 from cvit_bench.registry import ConfigError
 
 POINTER = "checkpoint.json"
@@ -123,7 +123,9 @@ def save_checkpoint(
         final = run_dir / f"{_PREFIX}{stage}"
         if final.exists():  # left by a run killed after the rename but before the pointer moved: never pointed to
             shutil.rmtree(final)
+        os.chmod(staging, default_mode(directory=True))
         staging.rename(final)
+        fsync_dir(run_dir)  # the folder is on disk before the pointer names it
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

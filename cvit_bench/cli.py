@@ -1,6 +1,7 @@
 """Command line: ``cvit-bench run | prepare | ls | validate | report | bench``."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -90,8 +91,8 @@ def run(
     method: Optional[str] = typer.Option(None, help="method name (see `cvit-bench ls`), comma-separated names, or `all`"),
     seed: int = typer.Option(0, help="fixes data generation, initialisation and batch order"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (instead of --seed): one run per method and seed"),
-    jobs: int = typer.Option(1, help="runs of a sweep (several methods or seeds) executed at once, as child processes"),
-    threads: Optional[int] = typer.Option(None, help="torch threads per run (default: all cores, divided by --jobs in a sweep)"),
+    jobs: int = typer.Option(1, min=1, help="runs of a sweep (several methods or seeds) executed at once, as child processes"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads per run (default: all cores, divided by --jobs in a sweep)"),
     results_dir: Path = typer.Option(Path("results"), help="results are written to DIR/<suite>/<method>/<run-id>/"),
     model: Optional[str] = typer.Option(None, help="local checkpoint dir or hub id (default: the suite's embedded tiny LLaVA)"),
     data_root: Optional[Path] = typer.Option(None, help="root of LLaVA-format data for real suites"),
@@ -126,11 +127,10 @@ def run(
                           *(["--keep-checkpoint"] if keep_checkpoint else [])]
                 _sweep(load_suite(suite), suite, methods, seed_list, results_dir, jobs, threads, extra)
                 return
-            options = RunOptions(load_suite(suite), methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option), steps_per_task, run_id)
+            options = RunOptions(load_suite(suite), methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
+                                 steps_per_task, run_id)
         if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+            options = dataclasses.replace(options, threads=threads)
         with _progress() as progress:
             run_dir = run_suite(options, RichReporter(progress), fresh=fresh, keep_checkpoint=keep_checkpoint)
     except USER_ERRORS as error:
@@ -145,7 +145,9 @@ def run(
 def _sweep_axes(method: str, seeds: str | None, seed: int) -> tuple[list[str], list[int]]:
     from cvit_bench.methods import METHODS
 
-    methods = list(METHODS.names()) if method == "all" else [name.strip() for name in method.split(",") if name.strip()]
+    methods = list(METHODS.names()) if method == "all" else list(dict.fromkeys(n.strip() for n in method.split(",") if n.strip()))
+    if not methods:
+        raise ConfigError(f"--method {method!r}: name at least one method")
     for name in methods:
         METHODS.get(name)  # unknown names fail before anything starts
     return methods, [seed] if seeds is None else _parse_seeds(seeds)
@@ -153,7 +155,7 @@ def _sweep_axes(method: str, seeds: str | None, seed: int) -> tuple[list[str], l
 
 def _parse_seeds(seeds: str) -> list[int]:
     try:
-        return [int(value) for value in seeds.split(",")]
+        return list(dict.fromkeys(int(value) for value in seeds.split(",")))  # a repeated seed would race for one run dir
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
 
@@ -182,7 +184,9 @@ def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results
 
     failed = [o for o in run_sweep(runs, jobs, threads, done) if o.returncode != 0]
     if failed:
-        console.print(f"[bold red]{len(failed)} of {len(runs)} runs failed[/]; re-run the same command to retry them (finished runs are skipped)")
+        retry = ("re-run it without --fresh to retry them (finished runs are then skipped)" if "--fresh" in extra
+                 else "re-run the same command to retry them (finished runs are skipped, interrupted ones resume)")
+        console.print(f"[bold red]{len(failed)} of {len(runs)} runs failed[/]; {retry}")
         raise typer.Exit(code=1)
 
 
@@ -326,6 +330,8 @@ def check(
             if not method:
                 raise ConfigError("check --record: name the methods to record with --method")
             seed_list = _parse_seeds(seeds)
+            if len(seed_list) < 2:
+                raise ConfigError(f"check --record: bands come from the seed spread, so pass at least two seeds (got --seeds {seeds})")
             plan = {name: seed_list for name in _sweep_axes(",".join(method), None, 0)[0]}
         else:
             bands = load_bands(path)

@@ -22,6 +22,20 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain open()/mkdir() would give, for files made through tempfile (which uses 0600/0700)."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable: without it an OS crash can keep a later change but lose the rename."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that `path` holds either the old content or all of `data`."""
     path = Path(path)
@@ -32,8 +46,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             tmp.write(data)
             tmp.flush()
             os.fsync(tmp.fileno())
-        os.chmod(tmp.name, 0o666 & ~_UMASK)
+        os.chmod(tmp.name, default_mode())
         os.replace(tmp.name, path)
+        fsync_dir(path.parent)
     except OSError as error:  # disk full, permissions: say which file, keep the old one
         Path(tmp.name).unlink(missing_ok=True)
         raise OSError(error.errno, f"writing {path} failed ({error.strerror or error}); its previous content is unchanged") from error

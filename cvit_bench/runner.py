@@ -57,6 +57,7 @@ class RunOptions:
     method_overrides: dict[str, Any] = field(default_factory=dict)
     steps_per_task: int | None = None
     run_id: str | None = None
+    threads: int | None = None  # torch threads; recorded so a resumed run uses the same (CPU sums depend on it)
 
     @property
     def run_dir(self) -> Path:
@@ -66,9 +67,9 @@ class RunOptions:
         """The options as JSON; a shipped suite is named rather than located, so a run directory can move between clones."""
         shipped = _is_shipped(self.suite)
         return {
-            "suite": self.suite.name if shipped else str(self.suite.path), "method": self.method, "seed": self.seed,
-            "model": self.model, "data_root": None if self.data_root is None else str(self.data_root),
-            "method_overrides": self.method_overrides, "steps_per_task": self.steps_per_task,
+            "suite": self.suite.name if shipped else str(Path(self.suite.path).resolve()), "method": self.method,
+            "seed": self.seed, "model": self.model, "data_root": None if self.data_root is None else str(Path(self.data_root).resolve()),
+            "method_overrides": self.method_overrides, "steps_per_task": self.steps_per_task, "threads": self.threads,
         }
 
     @classmethod
@@ -76,6 +77,7 @@ class RunOptions:
         """The options a run directory was started with (for ``--resume``)."""
         from cvit_bench.suites.schema import load_suite
 
+        run_dir = Path(run_dir).resolve()
         request_path = run_dir / REQUEST_FILE
         if not request_path.is_file():
             raise ConfigError(f"{run_dir}: not a run directory ({REQUEST_FILE} is missing)")
@@ -85,6 +87,7 @@ class RunOptions:
             results_dir=run_dir.parent.parent.parent, model=request["model"],
             data_root=None if request["data_root"] is None else Path(request["data_root"]),
             method_overrides=request["method_overrides"], steps_per_task=request["steps_per_task"], run_id=run_dir.name,
+            threads=request.get("threads"),
         )
         if options.run_dir.resolve() != run_dir.resolve():
             raise ConfigError(f"{request_path}: describes a run of {options.suite.name}/{options.method}, which belongs in {options.run_dir}")
@@ -236,6 +239,7 @@ class Progress:
     elapsed_s: float = 0.0  # wall time up to the last checkpoint, over all sessions of a resumed run
     started: str = ""
     resumed_after: list[int] = field(default_factory=list)
+    sessions: list[dict] = field(default_factory=list)  # per process that worked on the run: commit, threads, start stage
 
     def to_json(self) -> dict[str, Any]:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "predictions"}
@@ -250,10 +254,8 @@ class Progress:
 
 def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_hash: str, steps_per_task: int) -> dict[str, Any]:
     """Everything that determines a run's numbers except the seed: two runs with equal configs are seeds of one setup."""
-    suite = dataclasses.asdict(options.suite)
-    del suite["path"]  # where the file lives is not part of the setup
     return to_jsonable({
-        "suite": json.loads(json.dumps(suite, default=str)),
+        "suite": _setup_only(json.loads(json.dumps(dataclasses.asdict(options.suite), default=str))),
         "method": options.method,
         "method_config": dataclasses.asdict(method.config),
         "steps_per_task": steps_per_task,
@@ -261,6 +263,15 @@ def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_h
         "base_checkpoint_hash": base_hash,
         "data_recipe_hash": data.recipe_hash,
     })
+
+
+def _setup_only(value: Any) -> Any:
+    """The suite as data: where its files live and its prose are not part of the setup (a run directory may move)."""
+    if isinstance(value, dict):
+        return {key: _setup_only(item) for key, item in value.items() if key not in ("path", "description")}
+    if isinstance(value, list):
+        return [_setup_only(item) for item in value]
+    return value
 
 
 @contextlib.contextmanager
@@ -307,6 +318,8 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
     method = build_method(options.method, options.method_overrides)
     run_dir = options.run_dir
     wall_start = time.perf_counter()
+    if options.threads:
+        torch.set_num_threads(options.threads)
 
     data = materialize(suite, options.seed, options.data_root)
     if options.model is None:
@@ -324,6 +337,8 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
             info = read_json(finished).get("run_info", {})
             _check_same_setup(run_dir, "results.json", info, config, options.seed)
             if info.get("status") == "complete":
+                if not keep_checkpoint:
+                    remove_checkpoints(run_dir)  # left if the process died between results.json and the clean-up
                 reporter.message(f"{finished} is already complete (pass --fresh to run again)")
                 return run_dir
         checkpoint = load_checkpoint(run_dir)
@@ -362,6 +377,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
         if checkpoint.state.get("git_commit") != commit:
             reporter.message(f"warning: resuming a checkpoint written at commit {checkpoint.state.get('git_commit')}")
         reporter.message(f"resuming {run_dir} after stage {progress.completed_stage}")
+    progress.sessions.append({"git_commit": commit, "threads": torch.get_num_threads(), "after_stage": progress.completed_stage})
     earlier_sessions_s = progress.elapsed_s
 
     def record(rows: tuple[int, ...], stage: int, scores: dict[str, list]) -> None:
@@ -444,6 +460,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             "started": progress.started,
             "finished": datetime.now(timezone.utc).isoformat(),
             "resumed_after_stages": progress.resumed_after,
+            "sessions": progress.sessions,
             "status": "complete",
         },
         "matrices": reported,

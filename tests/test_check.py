@@ -96,3 +96,23 @@ def test_sweep_runs_every_method_and_seed_and_reports_failures(tmp_path):
     assert info["method_config"]["r"] == 4
     assert f"{default_threads(2)} threads" in info["device"], "each of 2 jobs gets its share of the cores"
     assert "unknown option(s) ['r']" in " ".join((tmp_path / SMOKE / "zeroshot" / "seed0" / "run.log").read_text().split())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["check", "--suite", "cvit-v1-check", "--record", "--method", "seqlora", "--seeds", "0"], "pass at least two seeds"),
+        (["check", "--suite", "cvit-v1-check", "--method", "lwf"], "no bands for ['lwf']"),
+        (["run", "--suite", SMOKE, "--method", ",", "--seeds", "0,1"], "name at least one method"),
+        (["run", "--suite", SMOKE, "--method", "seqlora", "--seeds", "0,x"], "expected comma-separated integers"),
+    ],
+)
+def test_bad_check_and_sweep_arguments_fail_before_running_anything(tmp_path, args, message):
+    result = runner.invoke(app, [*args, "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_zero_jobs_is_refused(tmp_path):
+    result = runner.invoke(app, ["run", "--suite", SMOKE, "--method", "all", "--jobs", "0", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2 and not list(tmp_path.iterdir())

@@ -240,10 +240,19 @@ def test_replay_quota_policy_and_memory_survive_a_restart(smoke):
     method.after_stage(1, None, samples["mcq"], None)
     assert [s.task for s in method.memory] == ["mcq"] * 9
     method.after_stage(2, None, samples["ocr"], None)
-    assert sorted(s.task for s in method.memory) == ["mcq"] * 4 + ["ocr"] * 4  # 9 // 2 per task
+    assert sorted(s.task for s in method.memory) == ["mcq"] * 5 + ["ocr"] * 4  # 9 // 2 per task, the remainder to the first
     restored = build_method("replay", {"memory_size": 9, "policy": "quota"})
     restored.load_state_dict(st.load(st.save(method.state_dict())))
     assert restored.memory == method.memory and restored.seen == method.seen
+
+
+@pytest.mark.parametrize(("fraction", "batch", "replayed"), [(0.25, 16, 4), (0.1, 4, 1), (0.9, 4, 3), (0.0, 16, 0), (0.5, 1, 0)])
+def test_replay_share_of_a_batch_keeps_one_old_and_one_new_sample(smoke, fraction, batch, replayed):
+    _, _, samples = smoke
+    method = build_method("replay", {"fraction": fraction})
+    assert method.replayed_per_batch(batch) == 0, "nothing to replay before the first task ends"
+    method.after_stage(1, None, samples["mcq"], None)
+    assert method.replayed_per_batch(batch) == replayed
 
 
 def test_replay_rejects_a_bad_policy():

@@ -78,6 +78,7 @@ def test_interrupted_run_resumes_to_identical_results(method, tmp_path, uninterr
     resumed = read_json(run(run_options, reporter) / "results.json")
     assert f"resuming {run_dir} after stage {crash_stage - 1}" in reporter.messages
     assert resumed["run_info"]["resumed_after_stages"] == [crash_stage - 1]
+    assert [session["after_stage"] for session in resumed["run_info"]["sessions"]] == [-1, crash_stage - 1]
     assert measurements(resumed) == measurements(expected)
     assert (run_dir / "predictions.jsonl").read_text() == (expected_dir / "predictions.jsonl").read_text()
     assert not (run_dir / "checkpoint.json").exists()
@@ -151,6 +152,23 @@ def test_sigkill_while_training_and_while_writing_results_then_resume_is_identic
     result = read_json(run_dir / "results.json")
     assert result["run_info"]["resumed_after_stages"] == [2, 6]
     assert measurements(result) == measurements(expected)
+
+
+def test_config_does_not_depend_on_where_the_files_live(tmp_path):
+    """A run directory moved to another clone must still resume and average with its seeds."""
+    import shutil
+
+    from cvit_bench.runner import build_method, resolved_config
+    from cvit_bench.suites.schema import TEMPLATES_DIR
+    from cvit_bench.suites.materialize import materialize
+
+    shutil.copytree(TEMPLATES_DIR, tmp_path / "templates")
+    here, there = load_suite(SMOKE), load_suite(SMOKE, templates_dir=tmp_path / "templates")
+    assert here.tasks[0].template.path != there.tasks[0].template.path
+    data, method = materialize(here, 0), build_method("seqlora", {})
+    configs = [resolved_config(RunOptions(suite, "seqlora", 0, tmp_path), method, data, "b", 4) for suite in (here, there)]
+    assert configs[0] == configs[1]
+    assert str(TEMPLATES_DIR.parent) not in json.dumps(configs[0]) and str(tmp_path) not in json.dumps(configs[1])
 
 
 def test_finished_run_is_left_as_it_is(uninterrupted_smoke):

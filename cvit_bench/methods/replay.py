@@ -26,14 +26,16 @@ POLICIES = ("reservoir", "quota")
 @dataclass(frozen=True)
 class ReplayConfig(LoraMethodConfig):
     memory_size: int = option(240, "samples kept from earlier tasks (cvit-v1: 40 per task after six tasks, 6.7% of their data)")
-    fraction: float = option(0.25, "share of every training batch drawn from the memory once it holds samples")
-    policy: str = option("reservoir", "reservoir: uniform over all samples seen; quota: memory_size / tasks-so-far per task")
+    fraction: float = option(0.25, "share of every training batch drawn from the memory once it holds samples (at least 1, at most batch-1)")
+    policy: str = option("reservoir", "reservoir: uniform over all samples seen; quota: memory_size split evenly over the tasks so far")
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"replay policy {self.policy!r}: expected one of {POLICIES}")
         if not 0 <= self.fraction < 1:
             raise ValueError(f"replay fraction {self.fraction}: expected 0 <= fraction < 1")
+        if self.memory_size < 1:
+            raise ValueError(f"replay memory_size {self.memory_size}: expected at least 1")
 
 
 @METHODS.register("replay")
@@ -51,8 +53,14 @@ class Replay(Method):
     def wrap_model(self, model: nn.Module, tasks: list[str]) -> nn.Module:
         return attach_lora(model, self.config)
 
+    def replayed_per_batch(self, batch_size: int) -> int:
+        """round(fraction * batch), but at least one old and one new sample whenever both are wanted."""
+        if not self.memory or self.config.fraction == 0 or batch_size < 2:
+            return 0
+        return min(max(round(self.config.fraction * batch_size), 1), batch_size - 1)
+
     def training_batches(self, samples: list[Sample], batch_size: int, seed: str) -> Iterator[list[Sample]]:
-        replayed = round(self.config.fraction * batch_size) if self.memory else 0
+        replayed = self.replayed_per_batch(batch_size)
         if not replayed:
             return shuffled_batches(samples, batch_size, seed)
         return (new + old for new, old in zip(
@@ -77,8 +85,8 @@ class Replay(Method):
                 by_task.setdefault(sample.task, []).append(sample)
             for sample in rng.sample(samples, len(samples)):
                 by_task.setdefault(sample.task, []).append(sample)
-            quota = self.config.memory_size // len(by_task)
-            self.memory = [sample for kept in by_task.values() for sample in kept[:quota]]
+            quota, extra = divmod(self.config.memory_size, len(by_task))  # the first `extra` tasks keep one more
+            self.memory = [sample for i, kept in enumerate(by_task.values()) for sample in kept[: quota + (i < extra)]]
         counts: dict[str, int] = {}
         for sample in self.memory:
             counts[sample.task] = counts.get(sample.task, 0) + 1
