@@ -133,9 +133,7 @@ def run(
             options = dataclasses.replace(options, threads=threads)
         with _progress() as progress:
             run_dir = run_suite(options, RichReporter(progress), fresh=fresh, keep_checkpoint=keep_checkpoint)
-    except USER_ERRORS as error:
-        fail(error)
-    except OSError as error:  # disk full, permissions: the message names the file; earlier checkpoints are intact
+    except (*USER_ERRORS, OSError) as error:  # OSError: disk full, permissions; the message names the file
         fail(error)
     result = read_json(run_dir / "results.json")
     console.print(run_summary_table(result))

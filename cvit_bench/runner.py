@@ -353,7 +353,8 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
                 config: dict[str, Any], steps_per_task: int, checkpoint: Checkpoint | None, reporter: Reporter,
                 wall_start: float, keep_checkpoint: bool) -> Path:
     suite = options.suite
-    commit = provenance()["git_commit"]
+    recorded = provenance()  # once per session: git and package lookups are not free
+    commit = recorded["git_commit"]
     seed_everything(options.seed)
     base_model, processor = load_model(model_dir)
     model = method.wrap_model(base_model, suite.task_names)
@@ -456,7 +457,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             "config_hash": config_hash(config),
             "config": config,
             "request": options.request(),
-            **provenance(),
+            **recorded,
             "started": progress.started,
             "finished": datetime.now(timezone.utc).isoformat(),
             "resumed_after_stages": progress.resumed_after,
@@ -470,7 +471,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
         "timings": {"total_s": earlier_sessions_s + time.perf_counter() - wall_start, "stages": progress.timings},
     }
     atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in to_jsonable(progress.predictions)))
-    atomic_write_json(run_dir / "results.json", to_jsonable(result))
+    atomic_write_json(run_dir / "results.json", result)
     if not keep_checkpoint:
         remove_checkpoints(run_dir)
     return run_dir

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -87,10 +88,7 @@ class Replay(Method):
                 by_task.setdefault(sample.task, []).append(sample)
             quota, extra = divmod(self.config.memory_size, len(by_task))  # the first `extra` tasks keep one more
             self.memory = [sample for i, kept in enumerate(by_task.values()) for sample in kept[: quota + (i < extra)]]
-        counts: dict[str, int] = {}
-        for sample in self.memory:
-            counts[sample.task] = counts.get(sample.task, 0) + 1
-        return {"memory_per_task": counts}
+        return {"memory_per_task": dict(Counter(sample.task for sample in self.memory))}
 
     # --- resume ------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
