@@ -32,11 +32,12 @@ bench: install
 check: install
 	$(VENV)/bin/cvit-bench check --suite cvit-v1-check
 
-# Every method x 3 seeds on cvit-v1 and its multi-type twin, then the CSVs. Interrupted runs resume.
+# Every method x 3 seeds on cvit-v1 and its multi-type twin, then the CSVs. Finished runs (their
+# results.json files are committed under leaderboards/runs) are skipped; interrupted ones resume.
 leaderboard: install
-	$(VENV)/bin/cvit-bench run --suite cvit-v1 --method all --seeds $(SEEDS) --jobs $(JOBS)
-	$(VENV)/bin/cvit-bench run --suite cvit-v1-multi --method all --seeds $(SEEDS) --jobs $(JOBS)
-	$(VENV)/bin/cvit-bench report
+	$(VENV)/bin/cvit-bench run --suite cvit-v1 --method all --seeds $(SEEDS) --jobs $(JOBS) --results-dir leaderboards/runs
+	$(VENV)/bin/cvit-bench run --suite cvit-v1-multi --method all --seeds $(SEEDS) --jobs $(JOBS) --results-dir leaderboards/runs
+	$(VENV)/bin/cvit-bench report --results-dir leaderboards/runs --out-dir leaderboards
 
 test: install
 	$(VENV)/bin/pytest -q

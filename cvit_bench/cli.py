@@ -98,6 +98,10 @@ def run(
     data_root: Optional[Path] = typer.Option(None, help="root of LLaVA-format data for real suites"),
     option: list[str] = typer.Option([], help="method config override KEY=VALUE (repeatable)"),
     steps_per_task: Optional[int] = typer.Option(None, help="override the suite's training.steps_per_task"),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="cap on every stage's optimizer steps (a budget for real models)"),
+    dtype: str = typer.Option("float32", help="model weights dtype: float32, bfloat16 or float16"),
+    gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (less memory, ~30% slower)"),
+    module_pattern: list[str] = typer.Option([], help="override an adapted-module regex KEY=REGEX, KEY in llm_linears, llm_ffn, projector, vision"),
     run_id: Optional[str] = typer.Option(None, help="run directory name (default seed<N>)"),
     resume: Optional[Path] = typer.Option(None, help="continue the run in this directory with the options it was started with"),
     fresh: bool = typer.Option(False, help="discard the run directory's checkpoint and results and start over"),
@@ -107,11 +111,14 @@ def run(
 
     Re-running the same command into the same run directory continues after the last finished stage.
     """
-    from cvit_bench.reporting.tables import run_summary_table
+    from cvit_bench.distributed import current_processes
     from cvit_bench.io import read_json
-    from cvit_bench.runner import RunOptions, run as run_suite
+    from cvit_bench.models.backend import parse_dtype, parse_module_patterns
+    from cvit_bench.reporting.tables import run_summary_table
+    from cvit_bench.runner import Reporter, RunOptions, run as run_suite
 
     try:
+        parse_dtype(dtype)
         if resume is not None:
             options = RunOptions.from_run_dir(resume)
         elif method is None:
@@ -123,14 +130,21 @@ def run(
                     raise ConfigError("run: --run-id names one run; a sweep writes seed<N> directories")
                 extra = [arg for item in option for arg in ("--option", item)]
                 extra += [*(["--steps-per-task", str(steps_per_task)] if steps_per_task else []), *(["--model", model] if model else []),
+                          *(["--max-steps", str(max_steps)] if max_steps else []), "--dtype", dtype,
+                          *(["--gradient-checkpointing"] if gradient_checkpointing else []),
+                          *[arg for item in module_pattern for arg in ("--module-pattern", item)],
                           *(["--data-root", str(data_root)] if data_root else []), *(["--fresh"] if fresh else []),
                           *(["--keep-checkpoint"] if keep_checkpoint else [])]
                 _sweep(load_suite(suite), suite, methods, seed_list, results_dir, jobs, threads, extra)
                 return
             options = RunOptions(load_suite(suite), methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
-                                 steps_per_task, run_id)
+                                 steps_per_task, run_id, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                                 max_steps=max_steps, module_patterns=parse_module_patterns(module_pattern))
         if threads:
             options = dataclasses.replace(options, threads=threads)
+        if not current_processes().is_main:  # under accelerate launch only the main process reports and writes
+            run_suite(options, Reporter(), fresh=fresh, keep_checkpoint=keep_checkpoint)
+            return
         with _progress() as progress:
             run_dir = run_suite(options, RichReporter(progress), fresh=fresh, keep_checkpoint=keep_checkpoint)
     except (*USER_ERRORS, OSError) as error:  # OSError: disk full, permissions; the message names the file
@@ -232,8 +246,15 @@ def list_things() -> None:
 
 
 @app.command()
-def validate(suite: str = typer.Argument(..., help="suite name or path to a suite YAML")) -> None:
-    """Check a suite and its instruction templates; report every problem with file and field."""
+def validate(
+    suite: str = typer.Argument(..., help="suite name or path to a suite YAML"),
+    data_root: Optional[Path] = typer.Option(None, help="for real suites: check that every file the suite reads is there (default $CVIT_DATA_ROOT)"),
+) -> None:
+    """Check a suite and its instruction templates; for real suites also the data files. Reports every problem with file and field."""
+    from cvit_bench.suites.availability import check_data, format_report
+    from cvit_bench.suites.materialize import resolve_data_root
+    from cvit_bench.suites.schema import RealSuite
+
     try:
         loaded = load_suite(suite)
     except SuiteError as error:
@@ -242,6 +263,18 @@ def validate(suite: str = typer.Argument(..., help="suite name or path to a suit
             console.print(f"  {problem}", highlight=False)
         raise typer.Exit(code=1)
     console.print(f"[green]ok[/]: {loaded.name} ({loaded.path}): {len(loaded.tasks)} tasks, {len(loaded.unseen)} unseen")
+    if not isinstance(loaded, RealSuite):
+        return
+    for item in loaded.not_computed:
+        console.print(f"  [yellow]{item.describe()}[/]", highlight=False)
+    root = resolve_data_root(data_root)
+    if root is None:
+        console.print("  data not checked: pass --data-root or set CVIT_DATA_ROOT")
+        return
+    missing = check_data(loaded, root)
+    console.print(format_report(loaded, root, missing), highlight=False, soft_wrap=True)
+    if missing:
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -266,7 +299,6 @@ def report(
                     plot_run_heatmaps(result, Path(result["results_path"]).parent)
     except (*USER_ERRORS, ValueError) as error:  # leaderboard refusals (mixed data hashes, duplicates) are ValueErrors
         fail(error)
-
 
 
 @app.command()

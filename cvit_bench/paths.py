@@ -30,10 +30,10 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def tree_hash(root: Path) -> str:
-    """Hash of every file's relative path and bytes under ``root`` (the data hash recorded in results)."""
+def tree_hash(root: Path, recursive: bool = True) -> str:
+    """Hash of every file's relative path and bytes under ``root`` (the data hash recorded in results); only its top level if not ``recursive``."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in (root.rglob("*") if recursive else root.glob("*")) if p.is_file()):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]

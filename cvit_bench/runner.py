@@ -28,18 +28,19 @@ from torch import nn
 from cvit_bench.checkpoint import Checkpoint, load_checkpoint, load_model_tensors, model_tensors, remove_checkpoints, restore_rng, save_checkpoint
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
+from cvit_bench.distributed import Processes, current_processes
 from cvit_bench.evaluation.evaluate import EvalSet, score_set
 from cvit_bench.evaluation.generate import generate
 from cvit_bench.io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from cvit_bench.methods import METHODS, Method
 from cvit_bench.methods.base import StagePlan
 from cvit_bench.metrics import all_metrics
-from cvit_bench.models.backend import load_model
+from cvit_bench.models.backend import load_model, parse_dtype
 from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.paths import config_differences, config_hash
 from cvit_bench.registry import ConfigError
-from cvit_bench.suites.materialize import SuiteData, materialize
-from cvit_bench.suites.schema import REPO_ROOT, Suite, SuiteError, resolve_suite_path
+from cvit_bench.suites.materialize import SuiteData, materialize, resolve_data_root
+from cvit_bench.suites.schema import REPO_ROOT, RealSuite, Suite, SuiteError, resolve_suite_path
 from cvit_bench.training.loop import NonFiniteLossError, train_stage
 
 MATRIX_KINDS = ("vu", "if", "strict")
@@ -58,6 +59,10 @@ class RunOptions:
     steps_per_task: int | None = None
     run_id: str | None = None
     threads: int | None = None  # torch threads; recorded so a resumed run uses the same (CPU sums depend on it)
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    max_steps: int | None = None  # cap on every stage's optimizer steps (budgets on real models)
+    module_patterns: dict[str, str] = field(default_factory=dict)  # ModuleMap overrides, KEY -> regex
 
     @property
     def run_dir(self) -> Path:
@@ -70,7 +75,19 @@ class RunOptions:
             "suite": self.suite.name if shipped else str(Path(self.suite.path).resolve()), "method": self.method,
             "seed": self.seed, "model": self.model, "data_root": None if self.data_root is None else str(Path(self.data_root).resolve()),
             "method_overrides": self.method_overrides, "steps_per_task": self.steps_per_task, "threads": self.threads,
+            **self._backend_options(),
         }
+
+    def _backend_options(self) -> dict[str, Any]:
+        """Model-backend options that differ from the defaults.
+
+        They were added after the first published results; leaving defaults out keeps those
+        results' configurations (and hashes) comparable with new runs.
+        """
+        chosen = {"dtype": self.dtype, "gradient_checkpointing": self.gradient_checkpointing,
+                  "max_steps": self.max_steps, "module_patterns": self.module_patterns}
+        defaults = {"dtype": "float32", "gradient_checkpointing": False, "max_steps": None, "module_patterns": {}}
+        return {key: value for key, value in chosen.items() if value != defaults[key]}
 
     @classmethod
     def from_run_dir(cls, run_dir: Path) -> RunOptions:
@@ -87,7 +104,7 @@ class RunOptions:
             results_dir=run_dir.parent.parent.parent, model=request["model"],
             data_root=None if request["data_root"] is None else Path(request["data_root"]),
             method_overrides=request["method_overrides"], steps_per_task=request["steps_per_task"], run_id=run_dir.name,
-            threads=request.get("threads"),
+            threads=request.get("threads"), **{key: request[key] for key in ("dtype", "gradient_checkpointing", "max_steps", "module_patterns") if key in request},
         )
         if options.run_dir.resolve() != run_dir.resolve():
             raise ConfigError(f"{request_path}: describes a run of {options.suite.name}/{options.method}, which belongs in {options.run_dir}")
@@ -207,8 +224,12 @@ class Reporter:
     def message(self, text: str) -> None: ...
 
 
-def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batch_size: int, stage: int, reporter: Reporter):
-    """Scores for every evaluation set: {group: [SetScores per column]}, plus generation statistics."""
+def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batch_size: int, stage: int, reporter: Reporter,
+                 processes: Processes = Processes()):
+    """Scores for every evaluation set: {group: [SetScores per column]} (on the main process; None elsewhere), and the tokens generated.
+
+    Each process generates for its share of a set; the replies are gathered in sample order.
+    """
     results: dict[str, list] = {}
     generated = 0
     for group, sets in plan.groups().items():
@@ -216,13 +237,15 @@ def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batc
         for eval_set in sets:
             with method.eval_context(eval_set.task, model):
                 replies, tokens = generate(
-                    model, collator, eval_set.samples, batch_size=batch_size, max_new_tokens=eval_set.max_new_tokens,
+                    model, collator, processes.share(eval_set.samples), batch_size=batch_size, max_new_tokens=eval_set.max_new_tokens,
                     on_batch=lambda done, total, name=eval_set.name: reporter.evaluating(stage, name, done, total),
                     batch_context=method.batch_context,
                 )
-            generated += tokens
-            results[group].append(score_set(eval_set, replies))
-    return results, generated
+            replies = processes.gather(replies)
+            generated += sum(processes.gather([tokens]))
+            if processes.is_main:
+                results[group].append(score_set(eval_set, replies))
+    return (results if processes.is_main else None), generated
 
 
 @dataclass
@@ -262,13 +285,14 @@ def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_h
         "model": options.model,
         "base_checkpoint_hash": base_hash,
         "data_recipe_hash": data.recipe_hash,
+        **options._backend_options(),
     })
 
 
 def _setup_only(value: Any) -> Any:
-    """The suite as data: where its files live and its prose are not part of the setup (a run directory may move)."""
+    """The suite as data: where its files live and its prose (descriptions, where to obtain data) are not part of the setup."""
     if isinstance(value, dict):
-        return {key: _setup_only(item) for key, item in value.items() if key not in ("path", "description")}
+        return {key: _setup_only(item) for key, item in value.items() if key not in ("path", "description", "obtain")}
     if isinstance(value, list):
         return [_setup_only(item) for item in value]
     return value
@@ -311,54 +335,64 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
     """Run a method through the suite and write ``results.json`` + ``predictions.jsonl``; returns the run dir.
 
     A run directory that holds a checkpoint of the same configuration and seed continues after
-    its last finished stage; one that holds finished results of it is left as it is.
+    its last finished stage; one that holds finished results of it is left as it is. Under
+    ``accelerate launch`` every process calls this; only the main one writes.
     """
+    processes = current_processes()
     reporter = reporter or Reporter()
     suite = options.suite
+    if isinstance(suite, RealSuite):  # the root is recorded, so a resume does not depend on the environment
+        options = dataclasses.replace(options, data_root=resolve_data_root(options.data_root))
+    if isinstance(suite, RealSuite) and options.model is None:
+        raise ConfigError(f"{suite.path}: suite {suite.name!r} is real data; pass --model (the embedded tiny model is built for synthetic suites)")
     method = build_method(options.method, options.method_overrides)
     run_dir = options.run_dir
     wall_start = time.perf_counter()
     if options.threads:
         torch.set_num_threads(options.threads)
 
-    data = materialize(suite, options.seed, options.data_root)
-    if options.model is None:
-        model_dir, base_hash = prepare_base(suite, report=reporter.step)
-    else:
-        model_dir, base_hash = Path(options.model), f"external:{options.model}"
+    with processes.main_first():
+        data = materialize(suite, options.seed, options.data_root)
+        if options.model is None:
+            model_dir, base_hash = prepare_base(suite, report=reporter.step)
+        else:
+            model_dir, base_hash = Path(options.model), f"external:{options.model}"
     steps_per_task = options.steps_per_task or suite.training.steps_per_task
     config = resolved_config(options, method, data, base_hash, steps_per_task)
 
-    with run_lock(run_dir):
-        if fresh:
+    with run_lock(run_dir) if processes.is_main else contextlib.nullcontext():
+        if fresh and processes.is_main:
             clear_run(run_dir)
+        processes.wait()
         finished = run_dir / "results.json"
         if finished.is_file():
             info = read_json(finished).get("run_info", {})
             _check_same_setup(run_dir, "results.json", info, config, options.seed)
             if info.get("status") == "complete":
-                if not keep_checkpoint:
+                if not keep_checkpoint and processes.is_main:
                     remove_checkpoints(run_dir)  # left if the process died between results.json and the clean-up
                 reporter.message(f"{finished} is already complete (pass --fresh to run again)")
                 return run_dir
         checkpoint = load_checkpoint(run_dir)
         if checkpoint is not None:
             _check_same_setup(run_dir, "checkpoint", checkpoint.state, config, options.seed)
-        atomic_write_json(run_dir / REQUEST_FILE, options.request())
+        if processes.is_main:
+            atomic_write_json(run_dir / REQUEST_FILE, options.request())
         return _run_stages(options, method, run_dir, data, model_dir, base_hash, config, steps_per_task, checkpoint,
-                           reporter, wall_start, keep_checkpoint)
+                           reporter, wall_start, keep_checkpoint, processes)
 
 
 def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteData, model_dir: Path, base_hash: str,
                 config: dict[str, Any], steps_per_task: int, checkpoint: Checkpoint | None, reporter: Reporter,
-                wall_start: float, keep_checkpoint: bool) -> Path:
+                wall_start: float, keep_checkpoint: bool, processes: Processes) -> Path:
     suite = options.suite
     recorded = provenance()  # once per session: git and package lookups are not free
     commit = recorded["git_commit"]
     seed_everything(options.seed)
-    base_model, processor = load_model(model_dir)
-    model = method.wrap_model(base_model, suite.task_names)
-    collator = Collator(processor)
+    dtype = parse_dtype(options.dtype)
+    base_model, processor = load_model(model_dir, dtype, options.module_patterns, options.gradient_checkpointing)
+    model = method.wrap_model(base_model, suite.task_names).to(processes.device)
+    collator = Collator(processor, device=processes.device, dtype=dtype)
     plan = build_eval_plan(suite, data, collator, options.seed)
     task_names = suite.task_names
     stage_plan = method.stage_plan(task_names, steps_per_task)
@@ -399,7 +433,8 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             continue
         train_seconds = 0.0
         if step_plan.tasks:
-            reporter.stage(stage, step_plan.tasks, step_plan.steps)
+            steps = min(step_plan.steps, options.max_steps or step_plan.steps)
+            reporter.stage(stage, step_plan.tasks, steps)
             method.before_stage(stage, step_plan.tasks, model)
             progress.trained |= trainable_names(model)
             samples = [
@@ -411,8 +446,8 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             samples = method.train_data(stage, samples)
             try:
                 log = train_stage(
-                    model, method, samples, collator, suite.training, steps=step_plan.steps,
-                    seed=f"{options.seed}-stage{stage}", report=reporter.step,
+                    model, method, samples, collator, suite.training, steps=steps,
+                    seed=f"{options.seed}-stage{stage}", report=reporter.step, processes=processes,
                 )
             except NonFiniteLossError as error:
                 kept = f"the checkpoint after stage {progress.completed_stage} is kept" if progress.completed_stage >= 0 else "nothing was kept"
@@ -421,12 +456,15 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             facts = {"tasks": list(step_plan.tasks), "final_loss": log.final_loss, "samples_per_s": log.samples_per_s,
                      **method.after_stage(stage, model, samples, collator)}
         eval_start = time.perf_counter()
-        scores, tokens = evaluate_all(model, method, collator, plan, suite.evaluation.batch_size, stage, reporter)
+        scores, tokens = evaluate_all(model, method, collator, plan, suite.evaluation.batch_size, stage, reporter, processes)
+        evaluation_facts = method.evaluation_facts()
+        progress.completed_stage = stage
+        if not processes.is_main:
+            continue
         record(step_plan.rows, stage, scores)
         if step_plan.tasks:
-            progress.stage_facts.append({"stage": stage, **facts, **method.evaluation_facts()})
+            progress.stage_facts.append({"stage": stage, **facts, **evaluation_facts})
         progress.timings.append({"stage": stage, "train_s": train_seconds, "eval_s": time.perf_counter() - eval_start, "generated_tokens": tokens})
-        progress.completed_stage = stage
         progress.elapsed_s = earlier_sessions_s + time.perf_counter() - wall_start
         save_checkpoint(
             run_dir, stage,
@@ -434,6 +472,8 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             progress.predictions, model_tensors(model, progress.trained), method.state_dict(),
         )
 
+    if not processes.is_main:
+        return run_dir
     reported = {group: kinds for group, kinds in progress.matrices.items() if columns[group]}
     result = {
         "schema_version": 1,
@@ -458,6 +498,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             "config": config,
             "request": options.request(),
             **recorded,
+            **({"device": str(processes.device), "processes": processes.count} if processes.distributed or processes.device.type != "cpu" else {}),
             "started": progress.started,
             "finished": datetime.now(timezone.utc).isoformat(),
             "resumed_after_stages": progress.resumed_after,

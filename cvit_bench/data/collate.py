@@ -14,6 +14,9 @@ import torch
 
 from cvit_bench.data.samples import ImageCache, Sample
 
+# Processor outputs with one entry per input token (Qwen2-VL marks image tokens in mm_token_type_ids).
+TOKEN_ALIGNED = ("token_type_ids", "mm_token_type_ids")
+
 
 def chat_messages(sample: Sample) -> list[dict[str, Any]]:
     """Few-shot turns then the question, in the processor's chat-message format."""
@@ -26,11 +29,23 @@ def chat_messages(sample: Sample) -> list[dict[str, Any]]:
 
 
 class Collator:
-    def __init__(self, processor: Any, images: ImageCache | None = None) -> None:
+    """Batches on the model's device; floating-point inputs (pixels) in the model's dtype, as the vision tower expects."""
+
+    def __init__(self, processor: Any, images: ImageCache | None = None, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.images = images or ImageCache()
+        self.device = torch.device(device)
+        self.dtype = dtype
         self._prompt_cache: dict[tuple, str] = {}
+
+    def _placed(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        placed = {}
+        for key, value in batch.items():
+            value = torch.as_tensor(value)
+            placed[key] = value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
+        return placed
 
     def prompt_text(self, sample: Sample) -> str:
         key = tuple((t.prompt, t.reply) for t in sample.turns)
@@ -63,13 +78,20 @@ class Collator:
             labels[row, : len(label_row)] = torch.tensor(label_row)
             attention_mask[row, : len(sequence)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        batch.update({k: torch.as_tensor(np.asarray(v)) for k, v in encoded.items() if k not in ("input_ids", "attention_mask")})
-        return batch
+        for key, value in encoded.items():
+            if key in TOKEN_ALIGNED:  # one entry per prompt token; the target tokens are text (0)
+                aligned = torch.zeros((len(samples), width), dtype=torch.long)
+                for row, entries in enumerate(value):
+                    aligned[row, : len(entries)] = torch.as_tensor(np.asarray(entries))
+                batch[key] = aligned
+            elif key not in ("input_ids", "attention_mask"):
+                batch[key] = torch.as_tensor(np.asarray(value))
+        return self._placed(batch)
 
     def generation_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """Left-padded prompts so every row's generation starts at the same position."""
         self.tokenizer.padding_side = "left"
-        return dict(self._encode_prompts(samples, padding=True, return_tensors="pt"))
+        return self._placed(self._encode_prompts(samples, padding=True, return_tensors="pt"))
 
     def target_length(self, samples: list[Sample]) -> int:
         """Longest reference reply in tokens (used to bound generation length)."""

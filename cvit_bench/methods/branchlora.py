@@ -28,7 +28,7 @@ from torch import nn
 from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, TuningConfig, forward_passes, option
 from cvit_bench.methods.mixture import MixtureLoraLinear, Routing, SliceFreezer, inject_mixture, set_trainable
-from cvit_bench.models.backend import module_map_for
+from cvit_bench.models.backend import module_map_for, packed_image_rows
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class TaskRouterBank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         def decide() -> torch.Tensor:
-            summary = x[:, 0] if self.route_on == "first" else self.routing.sequence_mean(x)
+            summary = self.routing.first_token(x) if self.route_on == "first" else self.routing.sequence_mean(x)
             task = self.routing.facts["task"]().to(x.device)
             logits = torch.einsum("bd,bnd->bn", summary, self.weight[task])
             if 0 < self.top_k < logits.shape[-1]:
@@ -141,7 +141,7 @@ class BranchLora(Method):
 
     def _capture_image_features(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         """The selector's image feature: mean of the projected image tokens (detached: keys learn, the projector does not chase them)."""
-        self.image_features = output.detach().mean(dim=1)
+        self.image_features = self.routing.sequence_mean(output.detach())
 
     # --- routing -----------------------------------------------------------
     def _text_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -169,7 +169,8 @@ class BranchLora(Method):
         task = torch.full((len(samples),), self.route_task or 0, dtype=torch.long)
         if self.route_task is not None and self.config.task_routers and self.config.selector_weight:
             self.text_features = self._text_features(batch)  # only the alignment loss reads it
-        return self.routing.bind(attention_mask=batch["attention_mask"], task=lambda: task)
+        return self.routing.bind(attention_mask=batch["attention_mask"], task=lambda: task,
+                                 rows_per_image=packed_image_rows(self._model.config, batch))
 
     @contextlib.contextmanager
     def _selected_routing(self, samples: list[Sample], batch: dict[str, torch.Tensor]) -> Iterator[None]:
@@ -178,7 +179,8 @@ class BranchLora(Method):
         def select() -> torch.Tensor:  # called at the first adapted layer, after the projector ran on this batch
             return self._model.task_selector.select(self._per_sample_image_features(samples), text, self.trained)
 
-        with self.routing.bind(attention_mask=batch["attention_mask"], task=lambda: self.routing.cached("selected_task", select)):
+        with self.routing.bind(attention_mask=batch["attention_mask"], task=lambda: self.routing.cached("selected_task", select),
+                               rows_per_image=packed_image_rows(self._model.config, batch)):
             yield
             picked = self.routing.cache.get("selected_task")
         if picked is not None:

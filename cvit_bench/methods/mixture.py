@@ -56,13 +56,38 @@ class Routing:
             return value
         return value.repeat_interleave(self.facts["images_per_sample"], dim=0)
 
+    def first_token(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, T, d) at each row's first real token: generation batches are left-padded, so position 0 may be padding."""
+        mask = self.facts.get("attention_mask")
+        if mask is None or mask.shape != x.shape[:2]:
+            return x[:, 0]
+        return x[torch.arange(x.shape[0], device=x.device), mask.argmax(dim=1)]
+
     def sequence_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean over the sequence of ``x`` (B, T, d), ignoring padding where the attention mask covers ``x``."""
+        """One summary row per sample (B, T, d), or per image where a projector sees images.
+
+        Padding is ignored where the attention mask covers ``x``. A packed projector input
+        (Qwen2-VL's merger: all images' tokens in one (N, d) matrix) is averaged per image.
+        """
+        if x.dim() == 2:
+            return _segment_mean(x, self.facts["rows_per_image"])
         mask = self.facts.get("attention_mask")
         if mask is None or mask.shape != x.shape[:2]:
             return x.mean(dim=1)
         weights = mask.to(x.dtype).unsqueeze(-1)
         return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+    def spread(self, per_unit: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample (or per-image) values made broadcastable against ``x``'s rows: over positions, or over packed image tokens."""
+        if x.dim() == 2:
+            return per_unit.repeat_interleave(self.facts["rows_per_image"], dim=0)
+        return per_unit[:, None]
+
+
+def _segment_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths.to(x.device))
+    sums = torch.zeros(len(lengths), x.shape[-1], dtype=x.dtype, device=x.device).index_add_(0, segment, x)
+    return sums / lengths.to(x.device, x.dtype)[:, None]
 
 
 class MixtureLoraLinear(nn.Module):

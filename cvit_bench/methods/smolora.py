@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, TuningConfig, option
 from cvit_bench.methods.mixture import MixtureLoraLinear, Routing, inject_mixture, set_trainable
-from cvit_bench.models.backend import module_map_for
+from cvit_bench.models.backend import module_map_for, packed_image_rows
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ class SeparableRouter(nn.Module):
 
         def decide() -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
-                vu = (self.routing.sequence_mean(x) @ self.vu_router.T).argmax(-1)
-                embeddings = self.routing.per_row("instruction_embedding", x.shape[0])
+                summary = self.routing.sequence_mean(x)
+                vu = (summary @ self.vu_router.T).argmax(-1)
+                embeddings = self.routing.per_row("instruction_embedding", summary.shape[0])
                 instruction = (embeddings @ self.if_router.T).argmax(-1)
             return vu, instruction
 
@@ -72,8 +73,8 @@ class SeparableRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vu, instruction = self.choices(x)
         fusion = torch.softmax(x @ self.scores.T, dim=-1)  # (B, T, 2)
-        vu_gates = nn.functional.one_hot(vu, self.n_vu).to(x.dtype)[:, None, :] * fusion[..., :1]
-        if_gates = nn.functional.one_hot(instruction, self.n_if).to(x.dtype)[:, None, :] * fusion[..., 1:]
+        vu_gates = self.routing.spread(nn.functional.one_hot(vu, self.n_vu).to(x.dtype), x) * fusion[..., :1]
+        if_gates = self.routing.spread(nn.functional.one_hot(instruction, self.n_if).to(x.dtype), x) * fusion[..., 1:]
         return torch.cat([vu_gates, if_gates], dim=-1)
 
 
@@ -89,6 +90,7 @@ class SmoLora(Method):
         self.routing = Routing()
         self.embeddings: dict[str, torch.Tensor] = {}
         self.layers: dict[str, MixtureLoraLinear] = {}
+        self.model_config: Any = None  # the wrapped model's, for packed projector inputs
 
     def wrap_model(self, model: nn.Module, tasks: list[str]) -> nn.Module:
         c = self.config
@@ -104,6 +106,7 @@ class SmoLora(Method):
             return MixtureLoraLinear(base, n_experts, c.expert_rank, scaling, router)
 
         self.layers = inject_mixture(model, pattern, build)
+        self.model_config = model.config
         set_trainable(model, self.layers, train_projector=False)  # the projector is adapted, not tuned fully
         return model
 
@@ -129,6 +132,7 @@ class SmoLora(Method):
             attention_mask=batch["attention_mask"],
             instruction_embedding=self.instruction_embeddings([s.instruction for s in samples]),
             images_per_sample=torch.tensor([len(s.turns) for s in samples]),
+            rows_per_image=packed_image_rows(self.model_config, batch),
         )
 
     def routing_choices(self, model: nn.Module, samples: list[Sample], collator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

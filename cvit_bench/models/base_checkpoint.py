@@ -85,7 +85,7 @@ def base_checkpoint_hash(suite: Suite, data: SuiteData) -> str:
             "tiny": tiny.to_dict(),
             "pretrain": pretrain.__dict__,
             "corpus": tree_hash(data.root / PRETRAIN_TASK),
-            "templates": tree_hash(TEMPLATES_DIR),
+            "templates": tree_hash(TEMPLATES_DIR, recursive=False),  # the embedded suites' templates; real suites' live in subfolders
         }
     )
 

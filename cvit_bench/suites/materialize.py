@@ -2,22 +2,27 @@
 
 Generated data is keyed by the suite's data settings, task sizes and the
 generator's source, written to a temporary folder and renamed, so a killed
-generation never leaves a folder that looks finished.
+generation never leaves a folder that looks finished. Real data is found under
+a data root (``--data-root``, else ``$CVIT_DATA_ROOT``), each task in its own folder.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvit_bench.data.llava_format import DataError, Record, read_llava_json
 from cvit_bench.paths import cache_dir, config_hash, tree_hash
 from cvit_bench.suites import synthetic
-from cvit_bench.suites.schema import Suite, TaskSpec
+from cvit_bench.suites.availability import check_data, format_report, image_root, required_files, task_folder
+from cvit_bench.suites.schema import RealSuite, Suite, TaskSpec
 
 PRETRAIN_TASK = "pretrain"
+DATA_ROOT_ENV = "CVIT_DATA_ROOT"
 
 
 @dataclass(frozen=True)
@@ -25,17 +30,42 @@ class SuiteData:
     """Where each task's LLaVA-format files are, the hash of all of them, and the hash of how they were made.
 
     Generated data differs per run seed by design, so runs of different seeds share a
-    ``recipe_hash`` (generator, sizes, suite seed) but not a ``data_hash``; for real data the
-    two are the same content hash.
+    ``recipe_hash`` (generator, sizes, suite seed) but not a ``data_hash``; for real data both
+    are the hash of the annotation files read. Real tasks name their own folder, image root and
+    evaluation cap; synthetic ones live in ``root/<task>`` with their images.
     """
 
     root: Path
     data_hash: str
     recipe_hash: str
+    folders: Mapping[str, Path] = field(default_factory=dict)  # real data: task -> its folder (default root/<task>)
+    image_roots: Mapping[str, Path] = field(default_factory=dict)  # real data: task -> image root (default its folder)
+    test_sizes: Mapping[str, int] = field(default_factory=dict)  # real data: task -> evaluation cap (0: all)
 
     def records(self, task: str, split: str) -> list[Record]:
-        folder = self.root / task
-        return read_llava_json(folder / f"{split}.json", folder)
+        folder = self.folders.get(task, self.root / task)
+        records = read_llava_json(folder / f"{split}.json", self.image_roots.get(task, folder))
+        cap = self.test_sizes.get(task, 0) if split == "test" else 0
+        return evaluation_subset(records, cap) if cap else records
+
+
+def evaluation_subset(records: list[Record], size: int) -> list[Record]:
+    """The ``size`` records whose SHA-256 of the id is smallest, in file order.
+
+    Real test sets are large; a capped evaluation must be the same subset for every run,
+    method and seed, and must not depend on how the file happens to be ordered. Ties (repeated
+    ids) fall back to the position in the file.
+    """
+    ranked = sorted(range(len(records)), key=lambda i: (hashlib.sha256(records[i].id.encode()).hexdigest(), i))
+    return [records[i] for i in sorted(ranked[:size])]
+
+
+def resolve_data_root(data_root: Path | None) -> Path | None:
+    """``--data-root`` when given, else ``$CVIT_DATA_ROOT`` (unset or empty: None)."""
+    if data_root is not None:
+        return Path(data_root)
+    from_env = os.environ.get(DATA_ROOT_ENV, "").strip()
+    return Path(from_env) if from_env else None
 
 
 def _generator_fingerprint() -> str:
@@ -74,14 +104,38 @@ def _generate(name: str, plan: dict[str, tuple[str, dict[str, int]]], seed: int,
 
 
 def materialize(suite: Suite, seed: int, data_root: Path | None = None) -> SuiteData:
-    """The suite's task data: generated from (suite seed, run seed) for synthetic suites, else read from ``data_root``."""
-    if suite.data_source == "llava":
-        if data_root is None:
-            raise DataError(f"{suite.path}: suite {suite.name!r} reads real data: pass --data-root")
-        digest = tree_hash(Path(data_root))
-        return SuiteData(Path(data_root), digest, digest)
+    """The suite's task data: generated from (suite seed, run seed) for synthetic suites, else found under the data root."""
+    if isinstance(suite, RealSuite):
+        return _locate(suite, resolve_data_root(data_root))
     plan = {task.name: (task.kind, _task_sizes(task)) for task in suite.tasks + suite.unseen}
     return _generate(suite.name, plan, suite.seed * 1_000_003 + seed, suite.image_size, suite.seed)
+
+
+def _locate(suite: RealSuite, root: Path | None) -> SuiteData:
+    """Real data as it lies: every annotation file the run reads must exist (images are checked as records load).
+
+    Its hash covers those JSON files (path and bytes), not the images: hashing a data root
+    would read hundreds of gigabytes, and the JSON names every image a run uses.
+    """
+    if root is None:
+        raise DataError(f"{suite.path}: suite {suite.name!r} reads real data: pass --data-root or set {DATA_ROOT_ENV}")
+    missing = check_data(suite, root, images=False)
+    if missing:
+        raise DataError(format_report(suite, root, missing))
+    digest = hashlib.sha256()
+    for task, split in required_files(suite):
+        path = task_folder(root, task) / f"{split}.json"
+        digest.update(f"{task.name}/{split}: {path.relative_to(root)}".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    digest.update(f"images: {suite.images}".encode())
+    data_hash = digest.hexdigest()[:16]
+    tasks = suite.tasks + suite.unseen
+    return SuiteData(
+        root, data_hash, data_hash,
+        folders={t.name: task_folder(root, t) for t in tasks},
+        image_roots={t.name: image_root(root, suite, t) for t in tasks},
+        test_sizes={t.name: t.test_size for t in tasks},
+    )
 
 
 def materialize_pretrain_corpus(suite: Suite, size: int) -> SuiteData:

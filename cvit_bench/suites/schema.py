@@ -7,7 +7,7 @@ a broken suite in one pass instead of one error at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -64,6 +64,29 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
+class RealTaskSpec(TaskSpec):
+    """A task of a real (llava) suite.
+
+    ``data`` is the folder (relative to the data root) holding ``train.json`` / ``test.json``.
+    ``test_size`` caps evaluation: 0 evaluates every test record, n > 0 a fixed subset of n
+    (see ``materialize.evaluation_subset``). ``obtain`` tells a user where the data comes from.
+    """
+
+    obtain: str = ""
+
+
+@dataclass(frozen=True)
+class NotComputed:
+    """A score the published benchmark reports that cvit-bench does not compute, and why."""
+
+    name: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.name} is not computed: {self.reason}"
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     steps_per_task: int = 200
     batch_size: int = 16
@@ -99,8 +122,24 @@ class Suite:
         return [t.name for t in self.tasks]
 
 
-_TOP_KEYS = {"name", "description", "data", "model", "instruction_setting", "training", "evaluation", "tasks", "unseen"}
-_TASK_KEYS = {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data"}
+@dataclass(frozen=True)
+class RealSuite(Suite):
+    """A suite over released LLaVA-format data (``data.source: llava``).
+
+    A subclass rather than more fields on :class:`Suite`: a run's recorded setup is the whole
+    suite as data, so new fields on the base class would change every synthetic run's config
+    hash. ``images``: folder (relative to the data root) that image paths in every task's JSON
+    are relative to; None means each task's own data folder. ``not_computed``: published scores
+    deliberately left out (recorded in each run's config, so results say what they lack).
+    """
+
+    images: str | None = None
+    not_computed: tuple[NotComputed, ...] = ()
+
+
+_TOP_KEYS = {"name", "description", "data", "model", "instruction_setting", "training", "evaluation", "tasks", "unseen", "not_computed"}
+_TASK_KEYS = {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data", "obtain"}
+_NOT_COMPUTED_KEYS = {"name", "reason"}
 _TEMPLATE_KEYS = {"task_type", "train", "heldout"}
 _PHRASING_KEYS = {"prompt", "contract"}
 
@@ -124,6 +163,9 @@ def load_templates(task_type: str, problems: list[str], templates_dir: Path | No
     """Read ``instruction_templates/<task_type>.yaml``; every phrasing needs a prompt with {question} and a known contract."""
     from cvit_bench.evaluation.contracts import CONTRACTS
 
+    if Path(task_type).is_absolute() or ".." in Path(task_type).parts:
+        problems.append(f"template {task_type!r}: must be a name under instruction_templates/ (relative, no '..')")
+        return None
     path = (templates_dir or TEMPLATES_DIR) / f"{task_type}.yaml"
     data = _read_yaml(path, problems)
     if data is None:
@@ -187,6 +229,18 @@ def _dataclass_from(cls, where: str, mapping: Any, problems: list[str]):
     return cls(**values)
 
 
+def _relative_folder(where: str, value: Any, problems: list[str]) -> str | None:
+    """A folder below the data root: relative, without ``..``, so a suite cannot read outside the root it is given."""
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f"{where}: expected a folder relative to the data root, got {value!r}")
+        return None
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts:
+        problems.append(f"{where}: {value!r} must stay inside the data root (relative, no '..')")
+        return None
+    return value
+
+
 def _load_task(where: str, entry: Any, data_source: str, problems: list[str], templates_dir: Path | None) -> TaskSpec | None:
     from cvit_bench.evaluation.scoring import CORPUS_SCORERS, SAMPLE_SCORERS
 
@@ -198,13 +252,14 @@ def _load_task(where: str, entry: Any, data_source: str, problems: list[str], te
     if not isinstance(name, str) or not name:
         problems.append(f"{where}.name: missing")
         return None
-    if data_source == "synthetic":
+    real = data_source == "llava"
+    if not real:
         from cvit_bench.suites.synthetic import TASK_KINDS
 
         if kind not in TASK_KINDS:
             problems.append(f"{where}.kind: {unknown_name_message('task kind', str(kind), list(TASK_KINDS))}")
-    elif not isinstance(entry.get("data"), str):
-        problems.append(f"{where}.data: real (llava) suites need the task's data folder relative to the data root")
+        if "obtain" in entry:
+            problems.append(f"{where}.obtain: only real (llava) suites say where their data comes from")
     scorer = entry.get("scorer")
     valid_scorers = [*SAMPLE_SCORERS, *CORPUS_SCORERS]
     if scorer not in valid_scorers:
@@ -219,11 +274,40 @@ def _load_task(where: str, entry: Any, data_source: str, problems: list[str], te
     if not isinstance(shots, list) or not all(isinstance(s, int) and s >= 0 for s in shots):
         problems.append(f"{where}.shots: expected a list of non-negative integers")
         shots = [0]
-    train_size = _positive_int(f"{where}.train_size", entry.get("train_size", 0), problems, allow_zero=True)
-    test_size = _positive_int(f"{where}.test_size", entry.get("test_size", 1), problems)
-    if template is None:
+    # Real test sets are evaluated whole unless capped; generated ones need a size.
+    test_size = _positive_int(f"{where}.test_size", entry.get("test_size", 0 if real else 1), problems, allow_zero=real)
+    if not real:
+        train_size = _positive_int(f"{where}.train_size", entry.get("train_size", 0), problems, allow_zero=True)
+        if template is None:
+            return None
+        return TaskSpec(name, str(kind), template, str(scorer), train_size, test_size, tuple(shots), entry.get("data"))
+    if "train_size" in entry:
+        problems.append(f"{where}.train_size: real (llava) suites train on all of train.json; remove it")
+    folder = _relative_folder(f"{where}.data", entry.get("data"), problems)
+    obtain = entry.get("obtain", "")
+    if not isinstance(obtain, str):
+        problems.append(f"{where}.obtain: expected a string saying how to get the data, got {obtain!r}")
+    if template is None or folder is None:
         return None
-    return TaskSpec(name, str(kind), template, str(scorer), train_size, test_size, tuple(shots), entry.get("data"))
+    return RealTaskSpec(name, str(kind), template, str(scorer), 0, test_size, tuple(shots), folder, obtain=str(obtain))
+
+
+def _load_not_computed(where: str, raw: Any, problems: list[str]) -> tuple[NotComputed, ...]:
+    if not isinstance(raw, list):
+        problems.append(f"{where}: expected a list of {{name, reason}} mappings")
+        return ()
+    entries = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            problems.append(f"{where}[{i}]: expected a mapping with 'name' and 'reason'")
+            continue
+        _unknown_keys(f"{where}[{i}]", entry, _NOT_COMPUTED_KEYS, problems)
+        bad = [key for key in ("name", "reason") if not isinstance(entry.get(key), str) or not entry[key].strip()]
+        for key in bad:
+            problems.append(f"{where}[{i}].{key}: expected a non-empty string, got {entry.get(key)!r}")
+        if not bad:
+            entries.append(NotComputed(entry["name"], entry["reason"]))
+    return tuple(entries)
 
 
 def resolve_suite_path(name_or_path: str) -> Path:
@@ -258,10 +342,14 @@ def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
     if not isinstance(data_section, dict):
         problems.append(f"{where}: data: expected a mapping")
         data_section = {}
-    _unknown_keys(f"{where}: data", data_section, {"source", "seed", "image_size"}, problems)
+    _unknown_keys(f"{where}: data", data_section, {"source", "seed", "image_size", "images"}, problems)
     source = data_section.get("source", "synthetic")
     if source not in DATA_SOURCES:
         problems.append(f"{where}: data.source: expected one of {DATA_SOURCES}, got {source!r}")
+    if source != "llava" and "images" in data_section:
+        problems.append(f"{where}: data.images: only real (llava) suites read images from a data root")
+    if source != "llava" and "not_computed" in data:
+        problems.append(f"{where}: not_computed: only real (llava) suites reproduce published scores")
     setting = data.get("instruction_setting", "single")
     if setting not in INSTRUCTION_SETTINGS:
         problems.append(f"{where}: instruction_setting: expected one of {INSTRUCTION_SETTINGS}, got {setting!r}")
@@ -284,7 +372,7 @@ def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
     if not isinstance(model, dict):
         problems.append(f"{where}: model: expected a mapping")
         model = {}
-    suite = Suite(
+    common = dict(
         name=str(data.get("name", path.stem)),
         path=path,
         description=str(data.get("description", "")),
@@ -298,6 +386,15 @@ def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
         evaluation=_dataclass_from(EvaluationConfig, f"{where}: evaluation", data.get("evaluation"), problems),
         model=model,
     )
+    if source == "llava":
+        images = data_section.get("images")
+        suite: Suite = RealSuite(
+            **common,
+            images=None if images is None else _relative_folder(f"{where}: data.images", images, problems),
+            not_computed=_load_not_computed(f"{where}: not_computed", data.get("not_computed", []), problems),
+        )
+    else:
+        suite = Suite(**common)
     if problems:
         raise SuiteError(problems)
     return suite

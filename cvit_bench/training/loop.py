@@ -18,6 +18,7 @@ from torch import nn
 
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import Sample
+from cvit_bench.distributed import Processes
 from cvit_bench.suites.schema import TrainingConfig
 
 
@@ -53,22 +54,29 @@ def make_optimizer(model: nn.Module, method, config: TrainingConfig, steps: int)
     return optimizer, scheduler, trainable
 
 
-def train_step(model: nn.Module, method, chunk: list[Sample], batch: dict[str, torch.Tensor], optimizer, scheduler, trainable, max_grad_norm: float) -> torch.Tensor:
-    """One optimizer step with every method hook; returns the loss without reading it back to the host."""
+def train_step(model: nn.Module, method, chunk: list[Sample], batch: dict[str, torch.Tensor], optimizer, scheduler, trainable,
+               max_grad_norm: float, processes: Processes = Processes()) -> torch.Tensor:
+    """One optimizer step with every method hook; returns the loss without reading it back to the host.
+
+    With several processes the back-propagated loss is weighted by this process's share of the
+    batch's answer tokens and the gradients are averaged before any method sees them.
+    """
     with method.batch_context(chunk, batch):
         outputs = model(**batch)
         loss = outputs.loss
         extra = method.extra_loss(batch, outputs)
         if extra is not None:
             loss = loss + extra
-    loss.backward()
+    weight = processes.loss_weight(batch["labels"])
+    (loss if weight is None else loss * weight).backward()
+    processes.average_gradients(trainable)
     method.after_backward(model)
     torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step()
     scheduler.step()
     method.after_optimizer_step(model)
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss.detach() if weight is None else loss.detach() * weight / processes.count
 
 
 def train_stage(
@@ -82,19 +90,25 @@ def train_stage(
     seed: str,
     report: Callable[[int, float, float], None] | None = None,
     log_every: int = 10,
+    processes: Processes = Processes(),
 ) -> StageLog:
-    """Train ``steps`` optimizer steps on ``samples``; returns loss and throughput."""
+    """Train ``steps`` optimizer steps on ``samples``; returns loss and throughput.
+
+    With several processes each trains on its share of every batch (see cvit_bench.distributed);
+    the logged loss is the global batch's.
+    """
     model.train()
     optimizer, scheduler, trainable = make_optimizer(model, method, config, steps)
     batches = method.training_batches(samples, config.batch_size, seed)
-    window_loss = torch.zeros(())
+    window_loss = torch.zeros((), device=processes.device)
     last_loss, start, window_start = float("nan"), time.perf_counter(), time.perf_counter()
     for step in range(1, steps + 1):
-        chunk = next(batches)
-        window_loss += train_step(model, method, chunk, collator.train_batch(chunk), optimizer, scheduler, trainable, config.max_grad_norm)
+        chunk = processes.share(next(batches))
+        window_loss += train_step(model, method, chunk, collator.train_batch(chunk), optimizer, scheduler, trainable,
+                                  config.max_grad_norm, processes)
         if step % log_every == 0 or step == steps:
             window = step % log_every or log_every
-            last_loss = window_loss.item() / window
+            last_loss = processes.sum(window_loss).item() / window
             if not math.isfinite(last_loss):
                 raise NonFiniteLossError(f"loss became {last_loss} by step {step}; stage abandoned")
             if report is not None:

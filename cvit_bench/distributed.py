@@ -1,0 +1,105 @@
+"""The processes of one run: one by default, several under ``accelerate launch`` (DDP).
+
+    accelerate launch --num_processes 8 -m cvit_bench run --suite coin --method seqlora --model DIR --data-root DATA
+
+Training: every process draws the same global batch from the same seeded stream and trains on
+its contiguous share; the gradients are averaged across processes after backward (data
+parallelism, as DDP does). Each share's loss is weighted by its fraction of
+the batch's answer tokens, so the step is the single-process step (mean over all answer tokens)
+up to floating-point summation order. Evaluation: each process generates for its contiguous
+block of an evaluation set and the replies are gathered in sample order. Only the main process
+scores, checkpoints and writes results.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Processes:
+    index: int = 0
+    count: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.count > 1
+
+    def share(self, items: list) -> list:
+        """This process's contiguous block of ``items`` (block sizes differ by at most one)."""
+        size, extra = divmod(len(items), self.count)
+        start = self.index * size + min(self.index, extra)
+        return items[start : start + size + (self.index < extra)]
+
+    def gather(self, items: list) -> list:
+        """Every process's ``share`` concatenated in process order, on every process."""
+        return gather_object(items) if self.distributed else items
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+        return value
+
+    def loss_weight(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """count x (this share's answer tokens / the global batch's): DDP's gradient average then equals the global token mean."""
+        if not self.distributed:
+            return None
+        tokens = (labels != -100).sum().to(torch.float32)
+        return tokens * self.count / self.sum(tokens)
+
+    def average_gradients(self, parameters: list[nn.Parameter]) -> None:
+        """Data-parallel step: replace each gradient by its mean over processes (one flat all-reduce).
+
+        Done explicitly rather than with the DistributedDataParallel wrapper, which requires every
+        parameter to be used once inside ``forward``: regularisers (EWC's penalty, BranchLoRA's key
+        alignment) use parameters outside it, and methods change what trains between stages. A
+        gradient missing on every process stays missing (AdamW skips it, as in one process).
+        """
+        if not self.distributed:
+            return
+        present = self.sum(torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32, device=self.device))
+        with_grad = [p for p, flag in zip(parameters, present.tolist()) if flag > 0]
+        for parameter in with_grad:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        grads = [p.grad for p in with_grad]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.count
+        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
+
+    def wait(self) -> None:
+        if self.distributed:
+            PartialState().wait_for_everyone()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The main process builds shared caches (data, base checkpoint) before the others read them."""
+        if self.distributed and not self.is_main:
+            self.wait()
+        yield
+        if self.distributed and self.is_main:
+            self.wait()
+
+
+def current_processes() -> Processes:
+    """This process's place in an ``accelerate launch`` / ``torchrun`` group, or the single default process."""
+    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True accelerate never forms a CPU (gloo) group
+    device = state.device if state.device.type == "cuda" else torch.device("cpu")
+    return Processes(state.process_index, state.num_processes, device)
+
