@@ -31,7 +31,7 @@ def record_fields(task: RealTaskSpec, i: int) -> dict:
         return {"question": question, "answer": "ABC"[i % 3], "options": options}
     if task.scorer in ("cider", "cider_single_ref"):
         return {"question": "", "answer": CAPTIONS[i % 3], "answers": CAPTIONS[i % 3:] + CAPTIONS[: i % 3]}
-    if task.scorer == "grounding_iou":
+    if task.scorer.startswith("grounding_iou"):
         box = [0.1, 0.2, 0.5, 0.6 + 0.1 * (i % 3)]
         return {"question": "the red square on the left", "answer": json.dumps(box).replace(",", ", "), "box": box}
     if task.scorer.startswith("vqa_accuracy"):

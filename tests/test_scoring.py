@@ -266,6 +266,15 @@ SCORER_CASES = [
     ("substring_match", "", {"answer": "cat"}, 0.0),  # empty is wrong here (right in SMoLoRA)
     ("substring_match", "   ", {"answer": "cat"}, 0.0),
     ("substring_match", "dog", {"answer": "cat"}, 0.0),
+    ("substring_match_cased", "hot dog", {"answer": "hot dog stand"}, 1.0),
+    ("substring_match_cased", "Hot dog", {"answer": "hot dog stand"}, 0.0),  # CoIN compares case-sensitively
+    ("substring_match_cased", "", {"answer": "cat"}, 0.0),
+    ("lower_exact_match", " Harry Potter ", {"answer": "harry potter"}, 1.0),
+    ("lower_exact_match", "harry potter.", {"answer": "Harry Potter"}, 0.0),  # no punctuation stripping
+    ("lower_exact_match", "the harry potter", {"answer": "Harry Potter"}, 0.0),  # nor article removal
+    ("grounding_iou_strict", "[0, 0, 0.5, 1]", {"box": [0, 0, 1, 1]}, 0.0),  # IoU exactly 0.5: CoIN counts > 0.5
+    ("grounding_iou", "[0, 0, 0.5, 1]", {"box": [0, 0, 1, 1]}, 1.0),
+    ("grounding_iou_strict", "[0, 0, 0.6, 1]", {"box": [0, 0, 1, 1]}, 1.0),
     ("upper_exact_match", " yes ", {"answer": "Yes"}, 1.0),
     ("upper_exact_match", "yes.", {"answer": "Yes"}, 0.0),
     ("upper_exact_match", "yes it is", {"answer": "Yes"}, 0.0),

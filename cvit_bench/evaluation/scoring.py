@@ -227,6 +227,17 @@ def substring_match_score(output: str, sample: dict) -> float:
     return float(bool(prediction) and (prediction in label or label in prediction))
 
 
+def substring_match_cased_score(output: str, sample: dict) -> float:
+    """CoIN's ImageNet rule: ``substring_match`` without lower-casing (its eval_ImagetNet.py compares case-sensitively)."""
+    prediction, label = output.strip(), sample["answer"].strip()
+    return float(bool(prediction) and (prediction in label or label in prediction))
+
+
+def lower_exact_match_score(output: str, sample: dict) -> float:
+    """CoIN's OCR-VQA rule: lower-cased prediction equals the lower-cased answer (no other normalization)."""
+    return float(output.strip().lower() == sample["answer"].strip().lower())
+
+
 def upper_exact_match_score(output: str, sample: dict) -> float:
     """SMoLoRA's VQAv2/VizWiz rule: upper-cased prediction equals the one stored answer."""
     return float(output.strip().upper() == sample["answer"].strip().upper())
@@ -263,10 +274,13 @@ def box_iou(a: tuple[float, ...] | list[float], b: tuple[float, ...] | list[floa
     return intersection / union if union > 0 else 0.0
 
 
-def grounding_score(output: str, sample: dict) -> float:
-    """RefCOCO-style grounding: 1.0 when the parsed box has IoU >= 0.5 with the target box."""
+def grounding_score(output: str, sample: dict, strict: bool = False) -> float:
+    """RefCOCO-style grounding: 1.0 when the parsed box has IoU >= 0.5 with the target box (> 0.5 if ``strict``, CoIN's rule)."""
     box = parse_box(output)
-    return float(box is not None and box_iou(box, sample["box"]) >= 0.5)
+    if box is None:
+        return 0.0
+    iou = box_iou(box, sample["box"])
+    return float(iou > 0.5 if strict else iou >= 0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,8 +455,11 @@ SAMPLE_SCORERS: dict[str, Callable[[str, dict], float]] = {
     "exact_match": exact_match_score,
     "label_match": label_match_score,
     "substring_match": substring_match_score,
+    "substring_match_cased": substring_match_cased_score,
+    "lower_exact_match": lower_exact_match_score,
     "upper_exact_match": upper_exact_match_score,
     "grounding_iou": grounding_score,
+    "grounding_iou_strict": partial(grounding_score, strict=True),
 }
 CORPUS_SCORERS = ("cider", "cider_single_ref")
 
