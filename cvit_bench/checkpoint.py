@@ -59,7 +59,7 @@ def model_tensors(model: nn.Module, trained: set[str]) -> dict[str, torch.Tensor
     """Parameters in ``trained`` and all buffers (adapter gates, fixed routers), contiguous and unshared for safetensors."""
     tensors = {name: p for name, p in model.named_parameters() if name in trained}
     tensors.update(model.named_buffers())
-    return {name: t.detach().contiguous().clone() for name, t in tensors.items()}
+    return {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
 
 
 @torch.no_grad()
@@ -116,7 +116,7 @@ def save_checkpoint(
         (staging / "state.json").write_text(json.dumps(to_jsonable({**state, "stage": stage, "rng": rng_json}), allow_nan=False))
         (staging / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in to_jsonable(predictions)))
         save_file(model, staging / "model.safetensors")
-        save_file({k: v.contiguous() for k, v in method.items()}, staging / "method.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in method.items()}, staging / "method.safetensors")
         save_file(rng_tensors, staging / "rng.safetensors")
         for path in staging.iterdir():
             _fsync_file(path)

@@ -216,7 +216,7 @@ class BranchLora(Method):
         frozen = {}
         if self.config.freeze_per_task:
             for layer in self.layers.values():
-                layer.router.usage = torch.zeros(self.config.branches)
+                layer.router.usage = torch.zeros(self.config.branches, device=layer.lora_B.device)
             for _ in forward_passes(self, model, samples, collator, batch_size=16, max_batches=self.config.usage_batches):
                 pass
             for name, layer in self.layers.items():

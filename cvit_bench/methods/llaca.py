@@ -36,7 +36,8 @@ def balance_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LLaCA's beta per tensor as one vector, and where the fallback replaced it (undefined or outside (0, 1))."""
     if previous is None:
-        return torch.full((len(params),), fallback), torch.ones(len(params), dtype=torch.bool)
+        device = params[0].device
+        return torch.full((len(params),), fallback, device=device), torch.ones(len(params), dtype=torch.bool, device=device)
     g = torch.stack(torch._foreach_norm(grads, 1))
     distance = torch.stack(torch._foreach_norm(torch._foreach_sub(params, ema), 1))
     change = torch.stack(torch._foreach_norm(torch._foreach_sub(grads, previous), 1))

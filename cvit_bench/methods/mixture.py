@@ -54,7 +54,7 @@ class Routing:
         value = self.facts[name]
         if value.shape[0] == rows:
             return value
-        return value.repeat_interleave(self.facts["images_per_sample"], dim=0)
+        return value.repeat_interleave(self.facts["images_per_sample"].to(value.device), dim=0)
 
     def first_token(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, T, d) at each row's first real token: generation batches are left-padded, so position 0 may be padding."""
@@ -146,7 +146,7 @@ class SliceFreezer:
 
     def freeze(self, parameter: nn.Parameter, rows: torch.Tensor) -> None:
         """Freeze ``rows`` (indices along dim 0) of ``parameter`` at their current values, adding to earlier ones."""
-        mask = torch.zeros(parameter.shape[0], dtype=torch.bool)
+        mask = torch.zeros(parameter.shape[0], dtype=torch.bool, device=parameter.device)
         if parameter in self.frozen:
             mask |= self.frozen[parameter][0]
         mask[rows] = True
@@ -174,7 +174,7 @@ class SliceFreezer:
         for key, mask in state.items():
             if key.startswith("frozen."):
                 parameter = parameters[key.removeprefix("frozen.")]
-                self.frozen[parameter] = (mask.clone(), parameter.detach().clone())
+                self.frozen[parameter] = (mask.to(parameter.device, copy=True), parameter.detach().clone())
 
     def frozen_rows(self, parameter: nn.Parameter) -> list[int]:
         entry = self.frozen.get(parameter)

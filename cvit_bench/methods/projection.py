@@ -32,7 +32,8 @@ class InputBasis:
         total = torch.trace(covariance)
         if total <= 0:
             return 0
-        complement = torch.eye(covariance.shape[0], dtype=torch.float64) - self.basis @ self.basis.T
+        self.basis = self.basis.to(covariance.device)  # the basis lives where the layer inputs are
+        complement = torch.eye(covariance.shape[0], dtype=torch.float64, device=covariance.device) - self.basis @ self.basis.T
         residual = complement @ covariance @ complement
         captured = total - torch.trace(residual)
         eigenvalues, eigenvectors = torch.linalg.eigh(residual)
@@ -49,5 +50,5 @@ class InputBasis:
         """``matrix - (matrix U) U^T`` along the last axis (the input-facing side)."""
         if not self.size:
             return matrix
-        basis = self.basis.to(matrix.dtype)
+        basis = self.basis.to(matrix.device, matrix.dtype)
         return matrix - (matrix @ basis) @ basis.T

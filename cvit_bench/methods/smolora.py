@@ -64,7 +64,7 @@ class SeparableRouter(nn.Module):
             with torch.no_grad():
                 summary = self.routing.sequence_mean(x)
                 vu = (summary @ self.vu_router.T).argmax(-1)
-                embeddings = self.routing.per_row("instruction_embedding", summary.shape[0])
+                embeddings = self.routing.per_row("instruction_embedding", summary.shape[0]).to(x.device)
                 instruction = (embeddings @ self.if_router.T).argmax(-1)
             return vu, instruction
 
