@@ -44,6 +44,7 @@ from cvit_bench.suites.schema import REPO_ROOT, RealSuite, Suite, SuiteError, re
 from cvit_bench.training.loop import NonFiniteLossError, train_stage
 
 MATRIX_KINDS = ("vu", "if", "strict")
+BACKEND_OPTIONS = ("dtype", "gradient_checkpointing", "max_steps", "module_patterns")  # recorded only when not at their defaults
 REQUEST_FILE = "run_request.json"  # the options a run was started with, so `--resume RUN_DIR` needs nothing else
 
 
@@ -84,10 +85,8 @@ class RunOptions:
         They were added after the first published results; leaving defaults out keeps those
         results' configurations (and hashes) comparable with new runs.
         """
-        chosen = {"dtype": self.dtype, "gradient_checkpointing": self.gradient_checkpointing,
-                  "max_steps": self.max_steps, "module_patterns": self.module_patterns}
-        defaults = {"dtype": "float32", "gradient_checkpointing": False, "max_steps": None, "module_patterns": {}}
-        return {key: value for key, value in chosen.items() if value != defaults[key]}
+        defaults = RunOptions(self.suite, self.method)
+        return {key: getattr(self, key) for key in BACKEND_OPTIONS if getattr(self, key) != getattr(defaults, key)}
 
     @classmethod
     def from_run_dir(cls, run_dir: Path) -> RunOptions:
@@ -104,7 +103,7 @@ class RunOptions:
             results_dir=run_dir.parent.parent.parent, model=request["model"],
             data_root=None if request["data_root"] is None else Path(request["data_root"]),
             method_overrides=request["method_overrides"], steps_per_task=request["steps_per_task"], run_id=run_dir.name,
-            threads=request.get("threads"), **{key: request[key] for key in ("dtype", "gradient_checkpointing", "max_steps", "module_patterns") if key in request},
+            threads=request.get("threads"), **{key: request[key] for key in BACKEND_OPTIONS if key in request},
         )
         if options.run_dir.resolve() != run_dir.resolve():
             raise ConfigError(f"{request_path}: describes a run of {options.suite.name}/{options.method}, which belongs in {options.run_dir}")
@@ -341,10 +340,11 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
     processes = current_processes()
     reporter = reporter or Reporter()
     suite = options.suite
-    if isinstance(suite, RealSuite):  # the root is recorded, so a resume does not depend on the environment
+    if isinstance(suite, RealSuite):
+        if options.model is None:
+            raise ConfigError(f"{suite.path}: suite {suite.name!r} is real data; pass --model (the embedded tiny model is built for synthetic suites)")
+        # The root is recorded, so a resume does not depend on the environment.
         options = dataclasses.replace(options, data_root=resolve_data_root(options.data_root))
-    if isinstance(suite, RealSuite) and options.model is None:
-        raise ConfigError(f"{suite.path}: suite {suite.name!r} is real data; pass --model (the embedded tiny model is built for synthetic suites)")
     method = build_method(options.method, options.method_overrides)
     run_dir = options.run_dir
     wall_start = time.perf_counter()
