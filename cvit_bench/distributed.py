@@ -1,6 +1,7 @@
-"""The processes of one run: one by default, several under ``accelerate launch`` (DDP).
+"""The processes of one run: one by default, several under ``accelerate launch`` (DDP, optionally FSDP).
 
     accelerate launch --num_processes 8 -m cvit_bench run --suite coin --method seqlora --model DIR --data-root DATA
+    accelerate launch --use_fsdp --num_processes 8 -m cvit_bench run ...   # frozen weights sharded
 
 Training: every process draws the same global batch from the same seeded stream and trains on
 its contiguous share; the gradients are averaged across processes after backward (data
@@ -9,17 +10,26 @@ the batch's answer tokens, so the step is the single-process step (mean over all
 up to floating-point summation order. Evaluation: each process generates for its contiguous
 block of an evaluation set and the replies are gathered in sample order. Only the main process
 scores, checkpoints and writes results.
+
+FSDP (``--use_fsdp`` or an accelerate config with ``distributed_type: FSDP``) shards the weights that
+no stage trains -- for the adapter methods, the whole base model -- with FSDP2's ``fully_shard``, one
+unit per transformer block. Trained tensors stay whole on every process and are averaged as above,
+so every method's gradient hooks (freezers, projections, LLaCA's β) keep reading whole tensors.
+Sharded blocks gather their weights collectively, so evaluation runs the processes in lockstep.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, str_to_bool
 from torch import nn
+
+from cvit_bench.registry import ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,8 @@ class Processes:
     index: int = 0
     count: int = 1
     device: torch.device = torch.device("cpu")
+    shard_frozen: bool = False  # FSDP: weights no stage trains are sharded across the processes
+    reshard_after_forward: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -41,6 +53,9 @@ class Processes:
         size, extra = divmod(len(items), self.count)
         start = self.index * size + min(self.index, extra)
         return items[start : start + size + (self.index < extra)]
+
+    def largest_share(self, count: int) -> int:
+        return -(-count // self.count)
 
     def gather(self, items: list) -> list:
         """Every process's ``share`` concatenated in process order, on every process."""
@@ -99,7 +114,45 @@ class Processes:
 
 def current_processes() -> Processes:
     """This process's place in an ``accelerate launch`` / ``torchrun`` group, or the single default process."""
+    if str_to_bool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
+        raise ConfigError("DeepSpeed is not supported: its optimizer owns the gradients that methods' hooks edit; "
+                          "launch with --use_fsdp (shards the frozen weights) or --multi_gpu instead")
+    fsdp = bool(str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")))
+    if fsdp and str_to_bool(os.environ.get("FSDP_OFFLOAD_PARAMS", "false")):
+        raise ConfigError("FSDP parameter offloading is not supported; launch without --fsdp_offload_params")
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").upper() in ("TRUE", "FULL_SHARD", "1")
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True accelerate never forms a CPU (gloo) group
     device = state.device if state.device.type == "cuda" else torch.device("cpu")
-    return Processes(state.process_index, state.num_processes, device)
+    return Processes(state.process_index, state.num_processes, device, fsdp and state.num_processes > 1, reshard)
 
+
+def shard_frozen_weights(model: nn.Module, base: set[nn.Parameter], processes: Processes) -> int:
+    """FSDP2 over the base weights that nothing trains; returns how many tensors were sharded.
+
+    Kept whole (``ignored_params``): what the method added, every base weight it trains and tied
+    weights. Units: each block of an ``nn.ModuleList`` (the transformer layers of the LLM and the
+    vision tower) that holds frozen weights, so that one block is gathered at a time, and each other
+    module that owns frozen weights itself (embeddings, norms, projector, head). Every weight thus
+    gathers when its own module runs, also where ``generate`` calls a part of the model directly
+    (image features, input embeddings) rather than through the top-level forward.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    owners: dict[nn.Parameter, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(parameter, set()).add(name)
+    kept = {p for p, names in owners.items() if p.requires_grad or p not in base or len(names) > 1}
+    units: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(unit + ".") for unit in units):
+            continue
+        in_list = isinstance(model.get_submodule(name.rpartition(".")[0]), nn.ModuleList) if name else False
+        frozen = module.parameters(recurse=in_list)
+        if any(p not in kept for p in frozen):
+            units[name] = module
+    mesh = init_device_mesh(processes.device.type, (processes.count,))
+    for module in reversed(units.values()):
+        fully_shard(module, mesh=mesh, reshard_after_forward=processes.reshard_after_forward, ignored_params=kept)
+    return sum(p not in kept for p in owners)

@@ -28,9 +28,9 @@ from torch import nn
 from cvit_bench.checkpoint import Checkpoint, load_checkpoint, load_model_tensors, model_tensors, remove_checkpoints, restore_rng, save_checkpoint
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
-from cvit_bench.distributed import Processes, current_processes
+from cvit_bench.distributed import Processes, current_processes, shard_frozen_weights
 from cvit_bench.evaluation.evaluate import EvalSet, score_set
-from cvit_bench.evaluation.generate import generate
+from cvit_bench.evaluation.generate import Lockstep, generate
 from cvit_bench.io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from cvit_bench.methods import METHODS, Method
 from cvit_bench.methods.base import StagePlan
@@ -234,11 +234,15 @@ def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batc
     for group, sets in plan.groups().items():
         results[group] = []
         for eval_set in sets:
+            lockstep = None
+            if processes.shard_frozen:
+                batches = -(-processes.largest_share(len(eval_set.samples)) // batch_size)
+                lockstep = Lockstep(batches, eval_set.samples[0])
             with method.eval_context(eval_set.task, model):
                 replies, tokens = generate(
                     model, collator, processes.share(eval_set.samples), batch_size=batch_size, max_new_tokens=eval_set.max_new_tokens,
                     on_batch=lambda done, total, name=eval_set.name: reporter.evaluating(stage, name, done, total),
-                    batch_context=method.batch_context,
+                    batch_context=method.batch_context, lockstep=lockstep,
                 )
             replies = processes.gather(replies)
             generated += sum(processes.gather([tokens]))
@@ -391,7 +395,9 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
     seed_everything(options.seed)
     dtype = parse_dtype(options.dtype)
     base_model, processor = load_model(model_dir, dtype, options.module_patterns, options.gradient_checkpointing)
+    base_weights = set(base_model.parameters())
     model = method.wrap_model(base_model, suite.task_names).to(processes.device)
+    sharded = shard_frozen_weights(model, base_weights, processes) if processes.shard_frozen else 0
     collator = Collator(processor, device=processes.device, dtype=dtype)
     plan = build_eval_plan(suite, data, collator, options.seed)
     task_names = suite.task_names
@@ -499,6 +505,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             "request": options.request(),
             **recorded,
             **({"device": str(processes.device), "processes": processes.count} if processes.distributed or processes.device.type != "cpu" else {}),
+            **({"fsdp_sharded_tensors": sharded} if processes.shard_frozen else {}),
             "started": progress.started,
             "finished": datetime.now(timezone.utc).isoformat(),
             "resumed_after_stages": progress.resumed_after,

@@ -1,4 +1,5 @@
-"""Two processes (gloo, CPU) give the single process's run: DDP + token-weighted losses + sharded, gathered evaluation."""
+"""Two processes (gloo, CPU) give the single process's run: DDP + token-weighted losses + sharded, gathered evaluation,
+also with the frozen weights sharded by FSDP."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cvit_bench.distributed import Processes
+from cvit_bench.distributed import Processes, current_processes
 from cvit_bench.io import read_json
+from cvit_bench.registry import ConfigError
 
 SMOKE = "cvit-v1-smoke"
 
@@ -24,11 +26,20 @@ def test_shares_cover_every_item_once_in_order(count):
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
-@pytest.mark.parametrize("method", ["seqlora", "branchlora"])
-def test_two_processes_match_one(method, tmp_path, uninterrupted_smoke):
+@pytest.mark.parametrize("variable, value", [("ACCELERATE_USE_DEEPSPEED", "true"), ("FSDP_OFFLOAD_PARAMS", "true")])
+def test_unsupported_launch_modes_fail_before_any_work(variable, value, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported|offloading is not supported"):
+        current_processes()
+
+
+@pytest.mark.parametrize("method, mode", [("seqlora", "--multi_gpu"), ("branchlora", "--multi_gpu"), ("seqlora", "--use_fsdp"),
+                                          ("branchlora", "--use_fsdp")])
+def test_two_processes_match_one(method, mode, tmp_path, uninterrupted_smoke):
     single, single_dir = uninterrupted_smoke(method)
     command = [
-        str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        str(Path(sys.executable).with_name("accelerate")), "launch", mode, "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "-m", "cvit_bench", "run", "--suite", SMOKE, "--method", method, "--results-dir", str(tmp_path), "--threads", "1",
     ]
@@ -38,6 +49,8 @@ def test_two_processes_match_one(method, tmp_path, uninterrupted_smoke):
     run_dir = tmp_path / SMOKE / method / "seed0"
     double = read_json(run_dir / "results.json")
     assert double["run_info"]["processes"] == 2
+    # Under FSDP every frozen base tensor (all but the projector's 4 and the adapters) was a shard.
+    assert double["run_info"].get("fsdp_sharded_tensors", 0) == (42 if mode == "--use_fsdp" else 0)
     # Matrices and replies are identical; the per-stage losses differ only by summation order across processes.
     for group, kinds in single["matrices"].items():
         for kind, matrix in kinds.items():

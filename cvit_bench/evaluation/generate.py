@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
@@ -11,7 +12,19 @@ from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import Sample
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Lockstep:
+    """Run exactly ``batches`` generate calls, each until every process is done (``synced_gpus``).
+
+    Needed when weights are sharded (FSDP): every forward gathers them collectively, so a process
+    that ran out of samples or stopped early must keep stepping. Missing batches repeat ``filler``
+    and their replies are dropped.
+    """
+
+    batches: int
+    filler: Sample
+
+
 def generate(
     model: nn.Module,
     collator: Collator,
@@ -21,6 +34,7 @@ def generate(
     max_new_tokens: int,
     on_batch: Callable[[int, int], None] | None = None,
     batch_context: Callable[[list[Sample], dict], ContextManager] | None = None,
+    lockstep: Lockstep | None = None,
 ) -> tuple[list[str], int]:
     """Greedy replies for ``samples`` (in input order) and the number of generated tokens.
 
@@ -31,19 +45,27 @@ def generate(
     replies: list[str] = [""] * len(samples)
     generated_tokens = 0
     tokenizer = collator.tokenizer
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        chunk = [samples[i] for i in indices]
-        batch = collator.generation_batch(chunk)
-        with (batch_context or _no_context)(chunk, batch):
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        finished = new_tokens != tokenizer.pad_token_id
-        generated_tokens += int(finished.sum())
-        for index, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            replies[index] = text.strip()
-        if on_batch is not None:
-            on_batch(len(indices), len(samples))
+    chunks: list[list[int] | None] = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    synced = {}
+    if lockstep is not None:
+        synced = {"synced_gpus": True}
+        chunks += [None] * (lockstep.batches - len(chunks))
+    # FSDP gathers sharded weights into buffers that training reuses, which inference tensors cannot be.
+    with torch.no_grad() if lockstep is not None else torch.inference_mode():
+        for indices in chunks:
+            chunk = [lockstep.filler] if indices is None else [samples[i] for i in indices]
+            batch = collator.generation_batch(chunk)
+            with (batch_context or _no_context)(chunk, batch):
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, **synced)
+            if indices is None:
+                continue
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            finished = new_tokens != tokenizer.pad_token_id
+            generated_tokens += int(finished.sum())
+            for index, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                replies[index] = text.strip()
+            if on_batch is not None:
+                on_batch(len(indices), len(samples))
     return replies, generated_tokens
 
 

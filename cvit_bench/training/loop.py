@@ -15,10 +15,12 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import Sample
 from cvit_bench.distributed import Processes
+from cvit_bench.registry import ConfigError
 from cvit_bench.suites.schema import TrainingConfig
 
 
@@ -51,6 +53,9 @@ def make_optimizer(model: nn.Module, method, config: TrainingConfig, steps: int)
     optimizer = torch.optim.AdamW(method.parameter_groups(model, config.lr), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, steps))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(isinstance(p, DTensor) for p in trainable):
+        raise ConfigError(f"{method.name} trains a weight that FSDP sharded; only weights trainable when the model is "
+                          "wrapped are kept whole -- run this method without --use_fsdp")
     return optimizer, scheduler, trainable
 
 
