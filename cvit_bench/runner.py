@@ -225,11 +225,13 @@ class Reporter:
 
 def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batch_size: int, stage: int, reporter: Reporter,
                  processes: Processes = Processes()):
-    """Scores for every evaluation set: {group: [SetScores per column]} (on the main process; None elsewhere), and the tokens generated.
+    """Scores for every evaluation set: {group: [SetScores per column]}, the method's evaluation facts (both on the main
+    process; None and {} elsewhere) and the tokens generated.
 
-    Each process generates for its share of a set; the replies are gathered in sample order.
+    Each process generates for its share of a set; the replies and the method's records are gathered in sample order.
     """
     results: dict[str, list] = {}
+    records: list[Any] = []
     generated = 0
     for group, sets in plan.groups().items():
         results[group] = []
@@ -246,9 +248,12 @@ def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batc
                 )
             replies = processes.gather(replies)
             generated += sum(processes.gather([tokens]))
+            records.extend({key: record for part in processes.gather([method.evaluation_records()]) for key, record in part.items()}.values())
             if processes.is_main:
                 results[group].append(score_set(eval_set, replies))
-    return (results if processes.is_main else None), generated
+    if not processes.is_main:
+        return None, {}, generated
+    return results, method.evaluation_facts(records), generated
 
 
 @dataclass
@@ -462,8 +467,8 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             facts = {"tasks": list(step_plan.tasks), "final_loss": log.final_loss, "samples_per_s": log.samples_per_s,
                      **method.after_stage(stage, model, samples, collator)}
         eval_start = time.perf_counter()
-        scores, tokens = evaluate_all(model, method, collator, plan, suite.evaluation.batch_size, stage, reporter, processes)
-        evaluation_facts = method.evaluation_facts()
+        scores, evaluation_facts, tokens = evaluate_all(model, method, collator, plan, suite.evaluation.batch_size, stage, reporter,
+                                                        processes)
         progress.completed_stage = stage
         if not processes.is_main:
             continue

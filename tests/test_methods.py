@@ -180,10 +180,12 @@ def test_branchlora_reports_selector_accuracy_after_evaluation(smoke):
     train(smoke, model, method, collator, "mcq", 1)
     train(smoke, model, method, collator, "caption", 2)
     logits(model, method, collator, samples["mcq"][:4] + samples["caption"][:4])
-    facts = method.evaluation_facts()
+    records = method.evaluation_records()
+    assert len(records) == 8
+    facts = method.evaluation_facts(list(records.values()))
     assert set(facts["selector_accuracy_per_task"]) == {"mcq", "caption"}
-    assert 0 <= facts["selector_accuracy"] <= 100
-    assert method.evaluation_facts() == {}, "counts restart for the next evaluation"
+    assert 0 <= facts["selector_accuracy"] <= 100 and facts["selector_samples"] == 8
+    assert method.evaluation_records() == {}, "counts restart for the next evaluation"
 
 
 # --- LLaCA -----------------------------------------------------------------------------

@@ -17,8 +17,9 @@ class Lockstep:
     """Run exactly ``batches`` generate calls, each until every process is done (``synced_gpus``).
 
     Needed when weights are sharded (FSDP): every forward gathers them collectively, so a process
-    that ran out of samples or stopped early must keep stepping. Missing batches repeat ``filler``
-    and their replies are dropped.
+    whose replies are finished must keep stepping with the others. A process with fewer samples
+    splits them into smaller batches; one with none generates for ``filler`` (the set's first
+    sample) and drops the reply.
     """
 
     batches: int
@@ -45,19 +46,21 @@ def generate(
     replies: list[str] = [""] * len(samples)
     generated_tokens = 0
     tokenizer = collator.tokenizer
-    chunks: list[list[int] | None] = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     synced = {}
-    if lockstep is not None:
+    if lockstep is None:
+        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    else:  # exactly `batches` calls of near-equal size (none above batch_size); an empty one generates for the filler
         synced = {"synced_gpus": True}
-        chunks += [None] * (lockstep.batches - len(chunks))
+        n = lockstep.batches
+        chunks = [order[i * len(order) // n : (i + 1) * len(order) // n] for i in range(n)]
     # FSDP gathers sharded weights into buffers that training reuses, which inference tensors cannot be.
     with torch.no_grad() if lockstep is not None else torch.inference_mode():
         for indices in chunks:
-            chunk = [lockstep.filler] if indices is None else [samples[i] for i in indices]
+            chunk = [samples[i] for i in indices] or [lockstep.filler]
             batch = collator.generation_batch(chunk)
             with (batch_context or _no_context)(chunk, batch):
                 output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, **synced)
-            if indices is None:
+            if not indices:
                 continue
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             finished = new_tokens != tokenizer.pad_token_id

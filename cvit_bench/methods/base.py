@@ -103,8 +103,16 @@ class Method:
         """Set up routing for evaluating ``task`` (task selectors, routers)."""
         return contextlib.nullcontext()
 
-    def evaluation_facts(self) -> dict[str, Any]:
-        """Facts gathered while a stage was evaluated (task-selector accuracy), recorded with that stage."""
+    def evaluation_records(self) -> dict[str, Any]:
+        """What the evaluation batches since the last call observed, by sample id (then forgotten).
+
+        Collected after each evaluation set and gathered from every process; keyed by sample id so a
+        sample that a process repeated only to keep step with the others counts once.
+        """
+        return {}
+
+    def evaluation_facts(self, records: list[Any]) -> dict[str, Any]:
+        """Facts (task-selector accuracy) from one stage's evaluation records of all processes, recorded with that stage."""
         return {}
 
     def trains(self) -> bool:
