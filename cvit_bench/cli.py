@@ -99,6 +99,7 @@ def run(
     option: list[str] = typer.Option([], help="method config override KEY=VALUE (repeatable)"),
     steps_per_task: Optional[int] = typer.Option(None, help="override the suite's training.steps_per_task"),
     max_steps: Optional[int] = typer.Option(None, min=1, help="cap on every stage's optimizer steps (a budget for real models)"),
+    epochs_per_task: Optional[float] = typer.Option(None, help="train each stage ceil(E x its samples / batch size) steps (the papers: 1) instead of steps_per_task"),
     dtype: str = typer.Option("float32", help="model weights dtype: float32, bfloat16 or float16"),
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (less memory, ~30% slower)"),
     module_pattern: list[str] = typer.Option([], help="override an adapted-module regex KEY=REGEX, KEY in llm_linears, llm_ffn, projector, vision"),
@@ -119,6 +120,8 @@ def run(
 
     try:
         parse_dtype(dtype)
+        if epochs_per_task is not None and (epochs_per_task <= 0 or steps_per_task):
+            raise ConfigError("run: --epochs-per-task must be > 0 and replaces --steps-per-task (give one of them)")
         if resume is not None:
             options = RunOptions.from_run_dir(resume)
         elif method is None:
@@ -131,6 +134,7 @@ def run(
                 extra = [arg for item in option for arg in ("--option", item)]
                 extra += [*(["--steps-per-task", str(steps_per_task)] if steps_per_task else []), *(["--model", model] if model else []),
                           *(["--max-steps", str(max_steps)] if max_steps else []), "--dtype", dtype,
+                          *(["--epochs-per-task", str(epochs_per_task)] if epochs_per_task else []),
                           *(["--gradient-checkpointing"] if gradient_checkpointing else []),
                           *[arg for item in module_pattern for arg in ("--module-pattern", item)],
                           *(["--data-root", str(data_root)] if data_root else []), *(["--fresh"] if fresh else []),
@@ -139,7 +143,7 @@ def run(
                 return
             options = RunOptions(load_suite(suite), methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
                                  steps_per_task, run_id, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-                                 max_steps=max_steps, module_patterns=parse_module_patterns(module_pattern))
+                                 max_steps=max_steps, module_patterns=parse_module_patterns(module_pattern), epochs_per_task=epochs_per_task)
         if threads:
             options = dataclasses.replace(options, threads=threads)
         if not current_processes().is_main:  # under accelerate launch only the main process reports and writes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import platform
 import random
 import subprocess
@@ -44,7 +45,7 @@ from cvit_bench.suites.schema import REPO_ROOT, RealSuite, Suite, SuiteError, re
 from cvit_bench.training.loop import NonFiniteLossError, train_stage
 
 MATRIX_KINDS = ("vu", "if", "strict")
-BACKEND_OPTIONS = ("dtype", "gradient_checkpointing", "max_steps", "module_patterns")  # recorded only when not at their defaults
+BACKEND_OPTIONS = ("dtype", "gradient_checkpointing", "max_steps", "module_patterns", "epochs_per_task")  # recorded only when not at their defaults
 REQUEST_FILE = "run_request.json"  # the options a run was started with, so `--resume RUN_DIR` needs nothing else
 
 
@@ -64,6 +65,7 @@ class RunOptions:
     gradient_checkpointing: bool = False
     max_steps: int | None = None  # cap on every stage's optimizer steps (budgets on real models)
     module_patterns: dict[str, str] = field(default_factory=dict)  # ModuleMap overrides, KEY -> regex
+    epochs_per_task: float | None = None  # each stage trains ceil(E x its samples / batch size) steps instead of steps_per_task
 
     @property
     def run_dir(self) -> Path:
@@ -444,10 +446,6 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             continue
         train_seconds = 0.0
         if step_plan.tasks:
-            steps = min(step_plan.steps, options.max_steps or step_plan.steps)
-            reporter.stage(stage, step_plan.tasks, steps)
-            method.before_stage(stage, step_plan.tasks, model)
-            progress.trained |= trainable_names(model)
             samples = [
                 s
                 for task in suite.tasks
@@ -455,6 +453,13 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
                 for s in phrase_all(data.records(task.name, "train"), task.name, task.template.training_phrasings(suite.instruction_setting))
             ]
             samples = method.train_data(stage, samples)
+            steps = step_plan.steps
+            if options.epochs_per_task:
+                steps = math.ceil(options.epochs_per_task * len(samples) / suite.training.batch_size)
+            steps = min(steps, options.max_steps or steps)
+            reporter.stage(stage, step_plan.tasks, steps)
+            method.before_stage(stage, step_plan.tasks, model)
+            progress.trained |= trainable_names(model)
             try:
                 log = train_stage(
                     model, method, samples, collator, suite.training, steps=steps,
@@ -464,8 +469,8 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
                 kept = f"the checkpoint after stage {progress.completed_stage} is kept" if progress.completed_stage >= 0 else "nothing was kept"
                 raise NonFiniteLossError(f"stage {stage} ({'+'.join(step_plan.tasks)}): {error}; {kept} in {run_dir}") from error
             train_seconds = log.seconds
-            facts = {"tasks": list(step_plan.tasks), "final_loss": log.final_loss, "samples_per_s": log.samples_per_s,
-                     **method.after_stage(stage, model, samples, collator)}
+            facts = {"tasks": list(step_plan.tasks), **({"steps": steps} if options.epochs_per_task else {}), "final_loss": log.final_loss,
+                     "samples_per_s": log.samples_per_s, **method.after_stage(stage, model, samples, collator)}
         eval_start = time.perf_counter()
         scores, evaluation_facts, tokens = evaluate_all(model, method, collator, plan, suite.evaluation.batch_size, stage, reporter,
                                                         processes)

@@ -147,6 +147,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, checkpoints, su
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_epochs_per_task_sets_each_stage_steps_from_its_samples(checkpoints, suite, tmp_path):
+    """8 training samples per task, batch 4: 1.5 epochs = 3 steps per stage, capped by --max-steps when given."""
+    for max_steps, expected in ((None, 3), (2, 2)):
+        options = RunOptions(suite, "seqlora", 0, tmp_path, model=str(checkpoints["llava"]), epochs_per_task=1.5, max_steps=max_steps,
+                             threads=1, run_id=f"cap{max_steps}")
+        result = read_json(run(options) / "results.json")
+        assert [stage["steps"] for stage in result["stages"]] == [expected, expected]
+        assert result["run_info"]["config"]["epochs_per_task"] == 1.5
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_run_on_each_family_within_a_step_budget(family, checkpoints, suite, tmp_path):
     run_dir = run(RunOptions(suite, "seqlora", 0, tmp_path, model=str(checkpoints[family]), max_steps=2, threads=1))
