@@ -112,7 +112,7 @@ def run(
 
     Re-running the same command into the same run directory continues after the last finished stage.
     """
-    from cvit_bench.distributed import current_processes
+    from cvit_bench.distributed import current_processes, end_process_group
     from cvit_bench.io import read_json
     from cvit_bench.models.backend import parse_dtype, parse_module_patterns
     from cvit_bench.reporting.tables import run_summary_table
@@ -153,6 +153,8 @@ def run(
             run_dir = run_suite(options, RichReporter(progress), fresh=fresh, keep_checkpoint=keep_checkpoint)
     except (*USER_ERRORS, OSError) as error:  # OSError: disk full, permissions; the message names the file
         fail(error)
+    finally:
+        end_process_group()
     result = read_json(run_dir / "results.json")
     console.print(run_summary_table(result))
     console.print(f"results: {run_dir / 'results.json'}  ({result['timings']['total_s']:.0f} s)")

@@ -126,6 +126,14 @@ def current_processes() -> Processes:
     return Processes(state.process_index, state.num_processes, device, fsdp and state.num_processes > 1, reshard)
 
 
+def end_process_group() -> None:
+    """Leave together and tear the group down before exit: a process that exits while its peers still
+    hold the group's connections (gloo's threads left to interpreter shutdown) can abort after a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def shard_frozen_weights(model: nn.Module, base: set[nn.Parameter], processes: Processes) -> int:
     """FSDP2 over the base weights that nothing trains; returns how many tensors were sharded.
 
