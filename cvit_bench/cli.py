@@ -120,8 +120,8 @@ def run(
 
     try:
         parse_dtype(dtype)
-        if epochs_per_task is not None and (epochs_per_task <= 0 or steps_per_task):
-            raise ConfigError("run: --epochs-per-task must be > 0 and replaces --steps-per-task (give one of them)")
+        if epochs_per_task is not None and steps_per_task:
+            raise ConfigError("run: --epochs-per-task replaces --steps-per-task (give one of them)")
         if resume is not None:
             options = RunOptions.from_run_dir(resume)
         elif method is None:
@@ -148,13 +148,13 @@ def run(
             options = dataclasses.replace(options, threads=threads)
         if not current_processes().is_main:  # under accelerate launch only the main process reports and writes
             run_suite(options, Reporter(), fresh=fresh, keep_checkpoint=keep_checkpoint)
+            end_process_group()
             return
         with _progress() as progress:
             run_dir = run_suite(options, RichReporter(progress), fresh=fresh, keep_checkpoint=keep_checkpoint)
+        end_process_group()
     except (*USER_ERRORS, OSError) as error:  # OSError: disk full, permissions; the message names the file
         fail(error)
-    finally:
-        end_process_group()
     result = read_json(run_dir / "results.json")
     console.print(run_summary_table(result))
     console.print(f"results: {run_dir / 'results.json'}  ({result['timings']['total_s']:.0f} s)")

@@ -38,7 +38,6 @@ class Processes:
     count: int = 1
     device: torch.device = torch.device("cpu")
     shard_frozen: bool = False  # FSDP: weights no stage trains are sharded across the processes
-    reshard_after_forward: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -120,29 +119,36 @@ def current_processes() -> Processes:
     fsdp = bool(str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")))
     if fsdp and str_to_bool(os.environ.get("FSDP_OFFLOAD_PARAMS", "false")):
         raise ConfigError("FSDP parameter offloading is not supported; launch without --fsdp_offload_params")
-    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").upper() in ("TRUE", "FULL_SHARD", "1")
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true")
+    if fsdp and reshard.upper() not in ("TRUE", "FULL_SHARD", "1"):
+        # Units reshard in backward otherwise; evaluation and the frozen tower never run one, so they would stay gathered.
+        raise ConfigError(f"FSDP reshard_after_forward / sharding strategy {reshard!r} is not supported; use full sharding (the default)")
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True accelerate never forms a CPU (gloo) group
     device = state.device if state.device.type == "cuda" else torch.device("cpu")
-    return Processes(state.process_index, state.num_processes, device, fsdp and state.num_processes > 1, reshard)
+    return Processes(state.process_index, state.num_processes, device, fsdp and state.num_processes > 1)
 
 
 def end_process_group() -> None:
-    """Leave together and tear the group down before exit: a process that exits while its peers still
-    hold the group's connections (gloo's threads left to interpreter shutdown) can abort after a finished run."""
+    """After a finished run: leave together and tear the group down before exit (a process that exits while
+    its peers still hold the group's connections can abort in gloo's teardown). Not called after an error,
+    where the peers may be inside another collective: the launcher stops them."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
-def shard_frozen_weights(model: nn.Module, base: set[nn.Parameter], processes: Processes) -> int:
+def shard_frozen_weights(model: nn.Module, base: set[int], processes: Processes) -> int:
     """FSDP2 over the base weights that nothing trains; returns how many tensors were sharded.
 
-    Kept whole (``ignored_params``): what the method added, every base weight it trains and tied
-    weights. Units: each block of an ``nn.ModuleList`` (the transformer layers of the LLM and the
-    vision tower) that holds frozen weights, so that one block is gathered at a time, and each other
-    module that owns frozen weights itself (embeddings, norms, projector, head). Every weight thus
-    gathers when its own module runs, also where ``generate`` calls a part of the model directly
-    (image features, input embeddings) rather than through the top-level forward.
+    ``base`` holds the ids of the loaded model's parameters (ids, so that nothing keeps the unsharded
+    originals alive). Units: each block of an ``nn.ModuleList`` that holds frozen weights (the
+    transformer layers of the LLM and of the vision tower: one block is gathered at a time), and
+    each leaf module outside them that does (embeddings, patch convolution, norms, head), so a
+    weight is gathered whenever its own module runs, also where ``generate`` or a method calls a
+    part of the model directly (image features, input embeddings). Kept whole (``ignored_params``):
+    what the method added, every base weight it trains, tied weights, and weights that a module with
+    children owns itself (a class embedding, LLaVA-NeXT's ``image_newline``: small, and read
+    outside any child's forward).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -151,16 +157,18 @@ def shard_frozen_weights(model: nn.Module, base: set[nn.Parameter], processes: P
     for name, module in model.named_modules(remove_duplicate=False):
         for parameter in module.parameters(recurse=False):
             owners.setdefault(parameter, set()).add(name)
-    kept = {p for p, names in owners.items() if p.requires_grad or p not in base or len(names) > 1}
+    kept = {p for p, names in owners.items() if p.requires_grad or id(p) not in base or len(names) > 1}
     units: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if any(name.startswith(unit + ".") for unit in units):
             continue
-        in_list = isinstance(model.get_submodule(name.rpartition(".")[0]), nn.ModuleList) if name else False
-        frozen = module.parameters(recurse=in_list)
-        if any(p not in kept for p in frozen):
+        block = bool(name) and isinstance(model.get_submodule(name.rpartition(".")[0]), nn.ModuleList)
+        leaf = next(module.children(), None) is None
+        if (block or leaf) and any(p not in kept for p in module.parameters(recurse=block)):
             units[name] = module
+    in_units = {p for module in units.values() for p in module.parameters()}
+    kept |= {p for p in owners if p not in in_units}
     mesh = init_device_mesh(processes.device.type, (processes.count,))
     for module in reversed(units.values()):
-        fully_shard(module, mesh=mesh, reshard_after_forward=processes.reshard_after_forward, ignored_params=kept)
+        fully_shard(module, mesh=mesh, ignored_params=kept)
     return sum(p not in kept for p in owners)

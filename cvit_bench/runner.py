@@ -17,6 +17,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from fractions import Fraction
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -242,15 +243,19 @@ def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batc
             if processes.shard_frozen:
                 batches = -(-processes.largest_share(len(eval_set.samples)) // batch_size)
                 lockstep = Lockstep(batches, eval_set.samples[0])
+            share = processes.share(eval_set.samples)
             with method.eval_context(eval_set.task, model):
                 replies, tokens = generate(
-                    model, collator, processes.share(eval_set.samples), batch_size=batch_size, max_new_tokens=eval_set.max_new_tokens,
+                    model, collator, share, batch_size=batch_size, max_new_tokens=eval_set.max_new_tokens,
                     on_batch=lambda done, total, name=eval_set.name: reporter.evaluating(stage, name, done, total),
                     batch_context=method.batch_context, lockstep=lockstep,
                 )
             replies = processes.gather(replies)
             generated += sum(processes.gather([tokens]))
-            records.extend({key: record for part in processes.gather([method.evaluation_records()]) for key, record in part.items()}.values())
+            observed = method.evaluation_records()
+            if not share:  # this process generated only the lockstep filler: what it observed is not a sample's
+                observed = []
+            records.extend(record for part in processes.gather([observed]) for record in part)
             if processes.is_main:
                 results[group].append(score_set(eval_set, replies))
     if not processes.is_main:
@@ -285,7 +290,7 @@ class Progress:
         return cls(matrices=matrices, predictions=predictions, trained=set(state["trained"]), **{k: state[k] for k in fields})
 
 
-def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_hash: str, steps_per_task: int) -> dict[str, Any]:
+def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_hash: str, steps_per_task: int | None) -> dict[str, Any]:
     """Everything that determines a run's numbers except the seed: two runs with equal configs are seeds of one setup."""
     return to_jsonable({
         "suite": _setup_only(json.loads(json.dumps(dataclasses.asdict(options.suite), default=str))),
@@ -351,6 +356,8 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
     processes = current_processes()
     reporter = reporter or Reporter()
     suite = options.suite
+    if options.epochs_per_task is not None and not (math.isfinite(options.epochs_per_task) and options.epochs_per_task > 0):
+        raise ConfigError(f"epochs_per_task must be a positive number, got {options.epochs_per_task}")
     if isinstance(suite, RealSuite):
         if options.model is None:
             raise ConfigError(f"{suite.path}: suite {suite.name!r} is real data; pass --model (the embedded tiny model is built for synthetic suites)")
@@ -368,7 +375,8 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
             model_dir, base_hash = prepare_base(suite, report=reporter.step)
         else:
             model_dir, base_hash = Path(options.model), f"external:{options.model}"
-    steps_per_task = options.steps_per_task or suite.training.steps_per_task
+    # Under --epochs-per-task each stage's steps follow from its samples; no steps_per_task applies (recorded as null).
+    steps_per_task = None if options.epochs_per_task is not None else options.steps_per_task or suite.training.steps_per_task
     config = resolved_config(options, method, data, base_hash, steps_per_task)
 
     with run_lock(run_dir) if processes.is_main else contextlib.nullcontext():
@@ -394,7 +402,7 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
 
 
 def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteData, model_dir: Path, base_hash: str,
-                config: dict[str, Any], steps_per_task: int, checkpoint: Checkpoint | None, reporter: Reporter,
+                config: dict[str, Any], steps_per_task: int | None, checkpoint: Checkpoint | None, reporter: Reporter,
                 wall_start: float, keep_checkpoint: bool, processes: Processes) -> Path:
     suite = options.suite
     recorded = provenance()  # once per session: git and package lookups are not free
@@ -402,13 +410,13 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
     seed_everything(options.seed)
     dtype = parse_dtype(options.dtype)
     base_model, processor = load_model(model_dir, dtype, options.module_patterns, options.gradient_checkpointing)
-    base_weights = set(base_model.parameters())
+    base_weights = {id(p) for p in base_model.parameters()}
     model = method.wrap_model(base_model, suite.task_names).to(processes.device)
     sharded = shard_frozen_weights(model, base_weights, processes) if processes.shard_frozen else 0
     collator = Collator(processor, device=processes.device, dtype=dtype)
     plan = build_eval_plan(suite, data, collator, options.seed)
     task_names = suite.task_names
-    stage_plan = method.stage_plan(task_names, steps_per_task)
+    stage_plan = method.stage_plan(task_names, steps_per_task or 0)
     columns = {g: [s.name for s in sets] for g, sets in plan.groups().items()}
 
     if checkpoint is None:
@@ -454,8 +462,8 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             ]
             samples = method.train_data(stage, samples)
             steps = step_plan.steps
-            if options.epochs_per_task:
-                steps = math.ceil(options.epochs_per_task * len(samples) / suite.training.batch_size)
+            if options.epochs_per_task is not None:  # exact arithmetic: 1.1 epochs of 200 at batch 4 is 55 steps, not 56
+                steps = math.ceil(Fraction(str(options.epochs_per_task)) * len(samples) / suite.training.batch_size)
             steps = min(steps, options.max_steps or steps)
             reporter.stage(stage, step_plan.tasks, steps)
             method.before_stage(stage, step_plan.tasks, model)
@@ -469,7 +477,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
                 kept = f"the checkpoint after stage {progress.completed_stage} is kept" if progress.completed_stage >= 0 else "nothing was kept"
                 raise NonFiniteLossError(f"stage {stage} ({'+'.join(step_plan.tasks)}): {error}; {kept} in {run_dir}") from error
             train_seconds = log.seconds
-            facts = {"tasks": list(step_plan.tasks), **({"steps": steps} if options.epochs_per_task else {}), "final_loss": log.final_loss,
+            facts = {"tasks": list(step_plan.tasks), **({"steps": steps} if options.epochs_per_task is not None else {}), "final_loss": log.final_loss,
                      "samples_per_s": log.samples_per_s, **method.after_stage(stage, model, samples, collator)}
         eval_start = time.perf_counter()
         scores, evaluation_facts, tokens = evaluate_all(model, method, collator, plan, suite.evaluation.batch_size, stage, reporter,

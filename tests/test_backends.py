@@ -154,7 +154,7 @@ def test_epochs_per_task_sets_each_stage_steps_from_its_samples(checkpoints, sui
                              threads=1, run_id=f"cap{max_steps}")
         result = read_json(run(options) / "results.json")
         assert [stage["steps"] for stage in result["stages"]] == [expected, expected]
-        assert result["run_info"]["config"]["epochs_per_task"] == 1.5
+        assert result["run_info"]["config"]["epochs_per_task"] == 1.5 and result["run_info"]["config"]["steps_per_task"] is None
 
 
 @pytest.mark.parametrize("family", FAMILIES)

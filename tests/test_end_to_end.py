@@ -105,7 +105,8 @@ def test_cli_run_prints_the_summary(tmp_path):
         (["--suite", SMOKE, "--method", "seqlora", "--option", "lr=fast"], "option lr='fast' must be float or null"),
         (["--suite", SMOKE, "--method", "seqlora", "--option", "r"], "--option 'r': expected KEY=VALUE"),
         (["--suite", SMOKE], "pass --method (or --resume RUN_DIR)"),
-        (["--suite", SMOKE, "--method", "seqlora", "--epochs-per-task", "0"], "--epochs-per-task must be > 0"),
+        (["--suite", SMOKE, "--method", "seqlora", "--epochs-per-task", "0"], "epochs_per_task must be a positive number, got 0.0"),
+        (["--suite", SMOKE, "--method", "seqlora", "--epochs-per-task", "nan"], "epochs_per_task must be a positive number, got nan"),
         (["--suite", SMOKE, "--method", "seqlora", "--epochs-per-task", "1", "--steps-per-task", "3"], "replaces --steps-per-task"),
     ],
 )

@@ -182,10 +182,10 @@ def test_branchlora_reports_selector_accuracy_after_evaluation(smoke):
     logits(model, method, collator, samples["mcq"][:4] + samples["caption"][:4])
     records = method.evaluation_records()
     assert len(records) == 8
-    facts = method.evaluation_facts(list(records.values()))
+    facts = method.evaluation_facts(records)
     assert set(facts["selector_accuracy_per_task"]) == {"mcq", "caption"}
     assert 0 <= facts["selector_accuracy"] <= 100 and facts["selector_samples"] == 8
-    assert method.evaluation_records() == {}, "counts restart for the next evaluation"
+    assert method.evaluation_records() == [], "counts restart for the next evaluation"
 
 
 # --- LLaCA -----------------------------------------------------------------------------

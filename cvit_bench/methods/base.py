@@ -103,13 +103,12 @@ class Method:
         """Set up routing for evaluating ``task`` (task selectors, routers)."""
         return contextlib.nullcontext()
 
-    def evaluation_records(self) -> dict[str, Any]:
-        """What the evaluation batches since the last call observed, by sample id (then forgotten).
+    def evaluation_records(self) -> list[Any]:
+        """What the evaluation batches since the last call observed, one picklable record per sample (then forgotten).
 
-        Collected after each evaluation set and gathered from every process; keyed by sample id so a
-        sample that a process repeated only to keep step with the others counts once.
+        Collected after each evaluation set and gathered from every process in sample-share order.
         """
-        return {}
+        return []
 
     def evaluation_facts(self, records: list[Any]) -> dict[str, Any]:
         """Facts (task-selector accuracy) from one stage's evaluation records of all processes, recorded with that stage."""

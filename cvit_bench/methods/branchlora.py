@@ -111,7 +111,7 @@ class BranchLora(Method):
         self.freezer = SliceFreezer()
         self.tasks: list[str] = []
         self.trained = 0  # tasks whose router and keys are learned
-        self.selections: dict[str, tuple[str, int]] = {}  # sample id -> (its task, 1 if the selector picked it)
+        self.selections: list[tuple[str, int]] = []  # per evaluated sample of a trained task: (its task, 1 if the selector picked it)
         self.route_task: int | None = None  # the router in use while training; None = let the selector choose
         self.image_features: torch.Tensor | None = None
         self.text_features: torch.Tensor | None = None
@@ -186,7 +186,7 @@ class BranchLora(Method):
         if picked is not None:
             for sample, task in zip(samples, picked.tolist()):
                 if sample.task in self.tasks[: self.trained]:
-                    self.selections[sample.id] = (sample.task, int(self.tasks[task] == sample.task))
+                    self.selections.append((sample.task, int(self.tasks[task] == sample.task)))
 
     # --- training ----------------------------------------------------------
     def before_stage(self, stage: int, tasks: tuple[str, ...], model: nn.Module) -> None:
@@ -238,8 +238,8 @@ class BranchLora(Method):
         self.trained = int(state["trained"])
         self.freezer.load_state_dict(state, self._model)
 
-    def evaluation_records(self) -> dict[str, Any]:
-        records, self.selections = self.selections, {}
+    def evaluation_records(self) -> list[Any]:
+        records, self.selections = self.selections, []
         return records
 
     def evaluation_facts(self, records: list[Any]) -> dict[str, Any]:
