@@ -45,6 +45,24 @@ def test_symlink_out_of_the_root_is_refused(tmp_path):
         read_llava_json(path)
 
 
+def test_links_lead_only_into_named_directories(tmp_path, monkeypatch):
+    """A linked shared copy (cluster layout) is followed when its directory is named; the path text still cannot escape."""
+    root, shared = tmp_path / "data", tmp_path / "shared" / "coco"
+    root.mkdir()
+    shared.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(shared / "x.png")
+    (tmp_path / "outside.png").write_bytes(b"x")
+    path = make_dataset(root, image="images/coco/x.png")
+    os.symlink(shared, root / "images" / "coco")
+    with pytest.raises(DataError, match="CVIT_IMAGE_LINK_TARGETS"):
+        read_llava_json(path)
+    monkeypatch.setenv("CVIT_IMAGE_LINK_TARGETS", str(tmp_path / "shared"))
+    assert read_llava_json(path)[0].image == (shared / "x.png").resolve()
+    monkeypatch.setenv("CVIT_IMAGE_LINK_TARGETS", str(tmp_path))  # naming a directory never lets the path text itself escape
+    with pytest.raises(DataError, match="escapes the image root"):
+        read_llava_json(make_dataset(root, image="images/../../outside.png"))
+
+
 def test_missing_image_names_record_and_file(tmp_path):
     with pytest.raises(DataError, match=r"record 0 \(id r0\)\.image: file not found"):
         read_llava_json(make_dataset(tmp_path, image="images/missing.png"))

@@ -3,16 +3,19 @@
 Synthetic and real suites go through this one reader, so the synthetic default
 exercises the same code a LLaVA-1.5 data release does. Image paths come from
 data files and are untrusted: absolute paths, ``..`` and symlinks that leave the
-image root are rejected.
+image root are rejected, except links into directories the user names in
+``$CVIT_IMAGE_LINK_TARGETS``.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 IMAGE_TOKEN = "<image>"
+LINK_TARGETS_ENV = "CVIT_IMAGE_LINK_TARGETS"
 
 
 class DataError(ValueError):
@@ -33,16 +36,33 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
+def link_targets() -> list[Path]:
+    """Directories that links under an image root may lead into (``$CVIT_IMAGE_LINK_TARGETS``, ``:``-separated).
+
+    Clusters often link shared copies of COCO or GQA into a data folder. Such a link is the
+    user's choice, not the data file's, so it may be followed -- but only into directories the
+    user names; by default nothing leaves the image root.
+    """
+    return [Path(entry).resolve() for entry in os.environ.get(LINK_TARGETS_ENV, "").split(os.pathsep) if entry]
+
+
 def safe_image_path(root: Path, relative: str, where: str) -> Path:
-    """Resolve ``relative`` under ``root``; refuse anything that escapes it (absolute, ``..``, symlinks)."""
+    """Resolve ``relative`` under ``root``; refuse anything that escapes it (absolute, ``..``, links).
+
+    The path text itself must stay under the root; a link under the root may lead only into a
+    directory of :func:`link_targets`.
+    """
     if not isinstance(relative, str) or not relative:
         raise DataError(f"{where}.image: expected a relative path string, got {relative!r}")
     if Path(relative).is_absolute():
         raise DataError(f"{where}.image: absolute path {relative!r} is not allowed (paths are relative to {root})")
+    if os.path.normpath(relative).split(os.sep)[0] == os.pardir:
+        raise DataError(f"{where}.image: {relative!r} escapes the image root {root}")
     root_resolved = root.resolve()
     resolved = (root_resolved / relative).resolve()
-    if not resolved.is_relative_to(root_resolved):
-        raise DataError(f"{where}.image: {relative!r} escapes the image root {root}")
+    if not any(resolved.is_relative_to(allowed) for allowed in (root_resolved, *link_targets())):
+        raise DataError(f"{where}.image: {relative!r} escapes the image root {root} through a link "
+                        f"(to follow links into {resolved.parent}, list a directory above it in ${LINK_TARGETS_ENV})")
     if not resolved.is_file():
         raise DataError(f"{where}.image: file not found: {resolved}")
     return resolved
