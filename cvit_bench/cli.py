@@ -134,7 +134,7 @@ def run(
                 extra = [arg for item in option for arg in ("--option", item)]
                 extra += [*(["--steps-per-task", str(steps_per_task)] if steps_per_task else []), *(["--model", model] if model else []),
                           *(["--max-steps", str(max_steps)] if max_steps else []), "--dtype", dtype,
-                          *(["--epochs-per-task", str(epochs_per_task)] if epochs_per_task else []),
+                          *(["--epochs-per-task", str(epochs_per_task)] if epochs_per_task is not None else []),
                           *(["--gradient-checkpointing"] if gradient_checkpointing else []),
                           *[arg for item in module_pattern for arg in ("--module-pattern", item)],
                           *(["--data-root", str(data_root)] if data_root else []), *(["--fresh"] if fresh else []),

@@ -20,6 +20,7 @@ Sharded blocks gather their weights collectively, so evaluation runs the process
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -54,7 +55,7 @@ class Processes:
         return items[start : start + size + (self.index < extra)]
 
     def largest_share(self, count: int) -> int:
-        return -(-count // self.count)
+        return math.ceil(count / self.count)
 
     def gather(self, items: list) -> list:
         """Every process's ``share`` concatenated in process order, on every process."""

@@ -241,8 +241,7 @@ def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batc
         for eval_set in sets:
             lockstep = None
             if processes.shard_frozen:
-                batches = -(-processes.largest_share(len(eval_set.samples)) // batch_size)
-                lockstep = Lockstep(batches, eval_set.samples[0])
+                lockstep = Lockstep(math.ceil(processes.largest_share(len(eval_set.samples)) / batch_size), eval_set.samples[0])
             share = processes.share(eval_set.samples)
             with method.eval_context(eval_set.task, model):
                 replies, tokens = generate(
