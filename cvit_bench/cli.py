@@ -347,7 +347,7 @@ def bench(
 def check(
     suite: str = typer.Option("cvit-v1-check", help="suite to re-run; its bands are read from checks/<suite>.yaml"),
     method: list[str] = typer.Option([], help="methods to check (repeatable; default: all in the bands file); with --record, the methods to record"),
-    record: bool = typer.Option(False, help="run the methods with --seeds and rewrite the bands file instead of checking"),
+    record: bool = typer.Option(False, help="run the methods with --seeds and rewrite their bands instead of checking (other methods' bands are kept)"),
     seeds: str = typer.Option("0,1,2", help="seeds whose spread defines the bands (with --record; the first becomes the check seed)"),
     k: float = typer.Option(3.0, help="band half-width in sample standard deviations (with --record)"),
     results_dir: Optional[Path] = typer.Option(None, help="keep the runs here (default: a temporary directory; an existing one is resumed)"),
@@ -356,7 +356,7 @@ def check(
     import tempfile
 
     from cvit_bench.io import read_json
-    from cvit_bench.regression import bands_path, compare, derive_bands, load_bands, write_bands
+    from cvit_bench.regression import bands_path, compare, derive_bands, kept_bands, load_bands, write_bands
     from cvit_bench.runner import RunOptions, run as run_suite
 
     try:
@@ -369,6 +369,7 @@ def check(
             if len(seed_list) < 2:
                 raise ConfigError(f"check --record: bands come from the seed spread, so pass at least two seeds (got --seeds {seeds})")
             plan = {name: seed_list for name in _sweep_axes(",".join(method), None, 0)[0]}
+            kept = kept_bands(path, list(plan), seed_list, k)
         else:
             bands = load_bands(path)
             unknown = sorted(set(method) - set(bands.bands))
@@ -388,7 +389,7 @@ def check(
     except USER_ERRORS as error:
         fail(error)
     if record:
-        write_bands(path, loaded.name, seed_list, seed_list[:1], k, derive_bands(results, k))
+        write_bands(path, loaded.name, seed_list, seed_list[:1], k, kept | derive_bands(results, k))
         console.print(f"wrote {path}")
         return
     violations = compare(results, bands)

@@ -43,6 +43,8 @@ class Bands:
     check_seeds: tuple[int, ...]
     bands: dict[str, dict[str, Band]]  # method -> metric -> band
     path: Path
+    recorded_seeds: tuple[int, ...] = ()
+    k: float | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,23 @@ def bands_path(suite: str) -> Path:
     return CHECKS_DIR / f"{suite}.yaml"
 
 
+def kept_bands(path: Path, methods: list[str], seeds: list[int], k: float) -> dict[str, dict[str, Band]]:
+    """The bands of an existing file that a partial ``--record`` keeps: those of the methods not re-recorded.
+
+    Every method's band in one file must come from the same seeds and k, so re-recording a subset
+    with different ones is refused (before anything runs) instead of silently mixing spreads.
+    """
+    if not path.is_file():
+        return {}
+    existing = load_bands(path)
+    others = {name: per for name, per in existing.bands.items() if name not in methods}
+    if others and (existing.recorded_seeds != tuple(seeds) or existing.k != k):
+        raise ConfigError(
+            f"{path}: recorded_seeds {list(existing.recorded_seeds)} and k {existing.k} differ from --seeds {seeds} and --k {k}; "
+            f"record with the file's seeds and k, or re-record all its methods ({', '.join(sorted(existing.bands))}) together")
+    return others
+
+
 def write_bands(path: Path, suite: str, seeds: list[int], check_seeds: list[int], k: float, bands: dict[str, dict[str, Band]]) -> None:
     document = {
         "suite": suite,
@@ -103,7 +122,7 @@ def write_bands(path: Path, suite: str, seeds: list[int], check_seeds: list[int]
         "check_seeds": check_seeds,
         "k": k,
         "floors": FLOORS,
-        "methods": {m: {metric: [b.low, b.high] for metric, b in per.items()} for m, per in bands.items()},
+        "methods": {m: {metric: [b.low, b.high] for metric, b in per.items()} for m, per in sorted(bands.items())},
     }
     header = (f"# Regression bands for `cvit-bench check --suite {suite}`: per method and metric [low, high] =\n"
               f"# mean +- max(k * std, floor) over the recorded seeds. Rewrite with `cvit-bench check --suite {suite} --record`.\n")
@@ -132,4 +151,6 @@ def load_bands(path: Path) -> Bands:
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair) and pair[0] <= pair[1]):
                 raise ConfigError(f"{path}: methods.{method}.{metric}: expected [low, high] with low <= high, got {pair!r}")
             bands[method][metric] = Band(float(pair[0]), float(pair[1]))
-    return Bands(str(document["suite"]), tuple(int(s) for s in document["check_seeds"]), bands, path)
+    k = document.get("k")
+    return Bands(str(document["suite"]), tuple(int(s) for s in document["check_seeds"]), bands, path,
+                 tuple(int(s) for s in document.get("recorded_seeds") or ()), None if k is None else float(k))

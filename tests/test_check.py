@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from cvit_bench.cli import app
 from cvit_bench.io import read_json
 from cvit_bench.methods.sequential import SequentialLora
-from cvit_bench.regression import Band, Bands, bands_path, check_values, compare, derive_bands, load_bands
+from cvit_bench.regression import Band, Bands, bands_path, check_values, compare, derive_bands, kept_bands, load_bands, write_bands
 from cvit_bench.registry import ConfigError
 from cvit_bench.sweep import default_threads
 
@@ -41,6 +41,19 @@ def test_compare_reports_values_outside_and_missing():
     assert compare({"seqlora": [result(0, 12.0, 2.0)]}, bands) == []
     violations = compare({"seqlora": [result(0, 30.0, 2.0, mif=None)]}, bands)
     assert [(v.metric, v.value) for v in violations] == [("AP", 30.0), ("MIF", None)]
+
+
+def test_recording_some_methods_keeps_the_others_only_when_seeds_and_k_match(tmp_path):
+    path = tmp_path / "bands.yaml"
+    assert kept_bands(path, ["seqlora"], [0, 1, 2], 3.0) == {}  # no file yet
+    runs = {"seqlora": [result(0, 10.0, 2.0), result(1, 14.0, 2.1)], "replay": [result(0, 40.0, 1.0), result(1, 44.0, 1.1)]}
+    write_bands(path, "s", [0, 1], [0], 3.0, derive_bands(runs, k=3.0))
+    assert kept_bands(path, ["seqlora"], [0, 1], 3.0) == {"replay": derive_bands(runs, k=3.0)["replay"]}
+    with pytest.raises(ConfigError, match=r"bands\.yaml: recorded_seeds \[0, 1\] and k 3\.0 differ .* \(replay, seqlora\)"):
+        kept_bands(path, ["seqlora"], [0, 1, 2], 3.0)
+    with pytest.raises(ConfigError, match="differ"):
+        kept_bands(path, ["seqlora"], [0, 1], 2.0)
+    assert kept_bands(path, ["seqlora", "replay"], [0, 1, 2], 2.0) == {}  # all re-recorded: nothing mixed
 
 
 @pytest.mark.parametrize(
