@@ -30,6 +30,10 @@ from cvit_bench.suites.schema import TEMPLATES_DIR, Phrasing, Suite, SuiteError,
 from cvit_bench.training.loop import train_stage
 
 PLAIN = Phrasing("pretrain/plain", "{question}", "sentence")
+# CPU sums are split across threads, so the trained weights depend on the thread count, which the
+# hash cannot see: the build always uses this many, whoever builds first (a sweep child at 1
+# thread, a plain run, a test), so every run of a suite starts from the same weights.
+BUILD_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -90,19 +94,12 @@ def base_checkpoint_hash(suite: Suite, data: SuiteData) -> str:
     )
 
 
-def prepare_base(suite: Suite, report: Callable[[int, float, float], None] | None = None) -> tuple[Path, str]:
-    """Directory of the base checkpoint for ``suite`` (built if absent) and its hash."""
+def _pretrain(suite: Suite, data: SuiteData, digest: str, report: Callable[[int, float, float], None] | None):
     tiny, pretrain = tiny_configs(suite)
-    data = materialize_pretrain_corpus(suite, pretrain.size)
-    digest = base_checkpoint_hash(suite, data)
-    target = cache_dir() / "models" / f"tiny-llava-{digest}"
-    if (target / "config.json").is_file():
-        return target, digest
     tokenizer = train_tokenizer(_tokenizer_texts(data), tiny.vocab_size)
     processor = build_processor(tokenizer, tiny)
     model = build_model(tokenizer, tiny)
-    records = data.records(PRETRAIN_TASK, "train")
-    samples = phrase_all(records, PRETRAIN_TASK, (PLAIN,))
+    samples = phrase_all(data.records(PRETRAIN_TASK, "train"), PRETRAIN_TASK, (PLAIN,))
     torch.manual_seed(tiny.init_seed)
     if pretrain.vision_steps:
         scenes = synthetic.vision_scenes(pretrain.vision_size, suite.seed)
@@ -111,6 +108,22 @@ def prepare_base(suite: Suite, report: Callable[[int, float, float], None] | Non
                         feature_layer=model.config.vision_feature_layer, report=report)
     config = TrainingConfig(steps_per_task=pretrain.steps, batch_size=pretrain.batch_size, lr=pretrain.lr, warmup_steps=50)
     train_stage(model, _TrainEverything(), samples, Collator(processor), config, steps=pretrain.steps, seed=f"pretrain-{digest}", report=report)
+    return model, processor
+
+
+def prepare_base(suite: Suite, report: Callable[[int, float, float], None] | None = None) -> tuple[Path, str]:
+    """Directory of the base checkpoint for ``suite`` (built if absent) and its hash."""
+    data = materialize_pretrain_corpus(suite, tiny_configs(suite)[1].size)
+    digest = base_checkpoint_hash(suite, data)
+    target = cache_dir() / "models" / f"tiny-llava-{digest}"
+    if (target / "config.json").is_file():
+        return target, digest
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        model, processor = _pretrain(suite, data, digest, report)
+    finally:
+        torch.set_num_threads(caller_threads)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
