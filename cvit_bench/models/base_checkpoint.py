@@ -95,8 +95,8 @@ def base_checkpoint_hash(suite: Suite, data: SuiteData) -> str:
     )
 
 
-def _pretrain(suite: Suite, data: SuiteData, digest: str, report: Callable[[int, float, float], None] | None):
-    tiny, pretrain = tiny_configs(suite)
+def _pretrain(suite: Suite, tiny: TinyLlavaConfig, pretrain: PretrainConfig, data: SuiteData, digest: str,
+              report: Callable[[int, float, float], None] | None):
     tokenizer = train_tokenizer(_tokenizer_texts(data), tiny.vocab_size)
     processor = build_processor(tokenizer, tiny)
     model = build_model(tokenizer, tiny)
@@ -114,7 +114,8 @@ def _pretrain(suite: Suite, data: SuiteData, digest: str, report: Callable[[int,
 
 def prepare_base(suite: Suite, report: Callable[[int, float, float], None] | None = None) -> tuple[Path, str]:
     """Directory of the base checkpoint for ``suite`` (built if absent) and its hash."""
-    data = materialize_pretrain_corpus(suite, tiny_configs(suite)[1].size)
+    tiny, pretrain = tiny_configs(suite)
+    data = materialize_pretrain_corpus(suite, pretrain.size)
     digest = base_checkpoint_hash(suite, data)
     target = cache_dir() / "models" / f"tiny-llava-{digest}"
     if (target / "config.json").is_file():
@@ -122,7 +123,7 @@ def prepare_base(suite: Suite, report: Callable[[int, float, float], None] | Non
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        model, processor = _pretrain(suite, data, digest, report)
+        model, processor = _pretrain(suite, tiny, pretrain, data, digest, report)
     finally:
         torch.set_num_threads(caller_threads)
     target.parent.mkdir(parents=True, exist_ok=True)
