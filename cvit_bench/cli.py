@@ -209,16 +209,26 @@ def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results
 
 
 @app.command()
-def prepare(suite: str = typer.Option("cvit-v1", help="suite whose base checkpoint to build")) -> None:
-    """Build (or find) the suite's deterministic tiny base checkpoint."""
-    from cvit_bench.models.base_checkpoint import prepare_base
+def prepare(
+    suite: str = typer.Option("cvit-v2", help="suite whose base checkpoint to find or build"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="build the base from scratch even when the suite ships one, and say whether the rebuild is bit-identical to it"),
+    ship_it: bool = typer.Option(False, "--ship", help="with --rebuild: copy the rebuilt base into the suite's shipped folder (maintainers; commit it)"),
+) -> None:
+    """Find the suite's base checkpoint (the shipped one, or the cached build), or build it."""
+    from cvit_bench.models.base_checkpoint import compare_with_shipped, prepare_base, ship
 
+    if ship_it and not rebuild:
+        fail(ConfigError("--ship needs --rebuild: only a base built from scratch here is shipped"))
     try:
         loaded = load_suite(suite)
         with _progress() as progress:
             reporter = RichReporter(progress)
             progress.update(reporter.task_id, description="base stage (generic pretraining)")
-            directory, digest = prepare_base(loaded, report=reporter.step)
+            directory, digest = prepare_base(loaded, report=reporter.step, rebuild=rebuild)
+        if rebuild:
+            console.print(compare_with_shipped(loaded, directory))
+        if ship_it:
+            directory = ship(loaded, directory, digest)
     except USER_ERRORS as error:
         fail(error)
     console.print(f"base checkpoint {digest}: {directory}")

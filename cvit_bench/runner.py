@@ -42,7 +42,7 @@ from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.paths import config_differences, config_hash
 from cvit_bench.registry import ConfigError
 from cvit_bench.suites.materialize import SuiteData, materialize, resolve_data_root
-from cvit_bench.suites.schema import REPO_ROOT, RealSuite, Suite, SuiteError, resolve_suite_path
+from cvit_bench.suites.schema import REPO_ROOT, EvaluationConfig, RealSuite, Suite, SuiteError, resolve_suite_path
 from cvit_bench.training.loop import NonFiniteLossError, train_stage
 
 MATRIX_KINDS = ("vu", "if", "strict")
@@ -130,6 +130,14 @@ class EvalPlan:
 
     def groups(self) -> dict[str, list[EvalSet]]:
         return {"seen": self.seen, "unseen": self.unseen, "heldout": self.heldout}
+
+    def scheduled(self, rows: tuple[int, ...], n_tasks: int, evaluation: EvaluationConfig) -> EvalPlan:
+        """The sets an evaluation filling ``rows`` runs under the suite's schedule (see ``EvaluationConfig``)."""
+        last = max(rows)
+        seen = self.seen if evaluation.future_tasks or 0 in rows else self.seen[: last + 1]
+        ends = 0 in rows or n_tasks in rows
+        side = evaluation.side_sets == "every_stage" or ends
+        return EvalPlan(seen, self.unseen if side else [], self.heldout if side else [])
 
 
 def build_method(name: str, overrides: dict[str, Any]) -> Method:
@@ -291,8 +299,11 @@ class Progress:
 
 def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_hash: str, steps_per_task: int | None) -> dict[str, Any]:
     """Everything that determines a run's numbers except the seed: two runs with equal configs are seeds of one setup."""
+    suite = _setup_only(json.loads(json.dumps(dataclasses.asdict(options.suite), default=str)))
+    later = EvaluationConfig.ADDED_LATER
+    suite["evaluation"] = {key: value for key, value in suite["evaluation"].items() if not (key in later and later[key] == value)}
     return to_jsonable({
-        "suite": _setup_only(json.loads(json.dumps(dataclasses.asdict(options.suite), default=str))),
+        "suite": suite,
         "method": options.method,
         "method_config": dataclasses.asdict(method.config),
         "steps_per_task": steps_per_task,
@@ -435,9 +446,10 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
     progress.sessions.append({"git_commit": commit, "threads": torch.get_num_threads(), "after_stage": progress.completed_stage})
     earlier_sessions_s = progress.elapsed_s
 
-    def record(rows: tuple[int, ...], stage: int, scores: dict[str, list]) -> None:
+    def record(rows: tuple[int, ...], stage: int, evaluated: EvalPlan, scores: dict[str, list]) -> None:
         for group, per_set in scores.items():
-            for column, set_scores in enumerate(per_set):
+            for eval_set, set_scores in zip(evaluated.groups()[group], per_set):
+                column = columns[group].index(eval_set.name)
                 for row in rows:
                     progress.matrices[group]["vu"][row, column] = set_scores.vu
                     progress.matrices[group]["if"][row, column] = set_scores.if_rate
@@ -479,12 +491,13 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             facts = {"tasks": list(step_plan.tasks), **({"steps": steps} if options.epochs_per_task is not None else {}), "final_loss": log.final_loss,
                      "samples_per_s": log.samples_per_s, **method.after_stage(stage, model, samples, collator)}
         eval_start = time.perf_counter()
-        scores, evaluation_facts, tokens = evaluate_all(model, method, collator, plan, suite.evaluation.batch_size, stage, reporter,
-                                                        processes)
+        evaluated = plan.scheduled(step_plan.rows, len(task_names), suite.evaluation)
+        scores, evaluation_facts, tokens = evaluate_all(model, method, collator, evaluated, suite.evaluation.batch_size, stage,
+                                                        reporter, processes)
         progress.completed_stage = stage
         if not processes.is_main:
             continue
-        record(step_plan.rows, stage, scores)
+        record(step_plan.rows, stage, evaluated, scores)
         if step_plan.tasks:
             progress.stage_facts.append({"stage": stage, **facts, **evaluation_facts})
         progress.timings.append({"stage": stage, "train_s": train_seconds, "eval_s": time.perf_counter() - eval_start, "generated_tokens": tokens})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cvit_bench.data.llava_format import DataError, Record, read_llava_json
 from cvit_bench.paths import cache_dir, config_hash, tree_hash
-from cvit_bench.suites import synthetic
+from cvit_bench.suites import base_corpus, synthetic
 from cvit_bench.suites.availability import check_data, format_report, image_root, required_files, task_folder
 from cvit_bench.suites.schema import RealSuite, Suite, TaskSpec
 
@@ -68,8 +68,11 @@ def resolve_data_root(data_root: Path | None) -> Path | None:
     return Path(from_env) if from_env else None
 
 
-def _generator_fingerprint() -> str:
-    return hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:16]
+def _generator_fingerprint(kinds: set[str]) -> str:
+    """Hash of the generator source a plan uses: ``synthetic.py`` alone (cvit-v1's recipe, unchanged) plus
+    ``base_corpus.py`` for plans that draw the cvit-v2 base corpus."""
+    sources = [synthetic.__file__] + ([base_corpus.__file__] if base_corpus.KIND in kinds else [])
+    return hashlib.sha256(b"".join(Path(source).read_bytes() for source in sources)).hexdigest()[:16]
 
 
 def _task_sizes(task: TaskSpec) -> dict[str, int]:
@@ -80,9 +83,13 @@ def _task_sizes(task: TaskSpec) -> dict[str, int]:
     return sizes
 
 
+def _recipe(plan: dict[str, tuple[str, dict[str, int]]], image_size: int) -> dict:
+    return {"image_size": image_size, "plan": plan, "generator": _generator_fingerprint({kind for kind, _ in plan.values()})}
+
+
 def _generate(name: str, plan: dict[str, tuple[str, dict[str, int]]], seed: int, image_size: int, recipe_seed: int) -> SuiteData:
     """Generate ``plan`` (task -> kind, sizes) once into the cache; a staging folder is renamed when complete."""
-    recipe = {"image_size": image_size, "plan": plan, "generator": _generator_fingerprint()}
+    recipe = _recipe(plan, image_size)
     key = config_hash({"seed": seed, **recipe})
     root = cache_dir() / "data" / f"{name}-{key}"
     if not (root / "DATA_HASH").is_file():
@@ -138,6 +145,15 @@ def _locate(suite: RealSuite, root: Path | None) -> SuiteData:
     )
 
 
-def materialize_pretrain_corpus(suite: Suite, size: int) -> SuiteData:
+def _pretrain_plan(size: int, kind: str) -> dict[str, tuple[str, dict[str, int]]]:
+    return {PRETRAIN_TASK: (kind, {"train": size})}
+
+
+def materialize_pretrain_corpus(suite: Suite, size: int, kind: str = PRETRAIN_TASK) -> SuiteData:
     """The base-stage corpus depends on the suite seed only, so every run seed shares one base checkpoint."""
-    return _generate(f"{suite.name}-{PRETRAIN_TASK}", {PRETRAIN_TASK: (PRETRAIN_TASK, {"train": size})}, suite.seed, suite.image_size, suite.seed)
+    return _generate(f"{suite.name}-{PRETRAIN_TASK}", _pretrain_plan(size, kind), suite.seed, suite.image_size, suite.seed)
+
+
+def pretrain_corpus_recipe(suite: Suite, size: int, kind: str) -> str:
+    """The corpus's recipe hash without generating it (a shipped base is checked against it)."""
+    return config_hash({"suite_seed": suite.seed, **_recipe(_pretrain_plan(size, kind), suite.image_size)})

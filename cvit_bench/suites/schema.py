@@ -19,6 +19,7 @@ SUITES_DIR = REPO_ROOT / "task_suites"
 TEMPLATES_DIR = REPO_ROOT / "instruction_templates"
 INSTRUCTION_SETTINGS = ("single", "multi")
 DATA_SOURCES = ("synthetic", "llava")
+SIDE_SET_SCHEDULES = ("every_stage", "ends")
 
 
 class SuiteError(ValueError):
@@ -98,8 +99,20 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
+    """How and when sets are evaluated; the two schedule switches trade matrix cells no metric reads for time.
+
+    ``future_tasks: false`` evaluates a training task after stage j only when it is among the
+    first j + 1 tasks (row 0 stays whole: FWT reads R[0, i] and R[i-1, i]); ``side_sets: ends``
+    evaluates unseen and held-out sets at stage 0 and after the last stage only (their metrics
+    read the final row). Cells not evaluated stay null.
+    """
+
     batch_size: int = 48
     max_new_tokens_margin: int = 4
+    future_tasks: bool = True
+    side_sets: str = "every_stage"
+
+    ADDED_LATER = {"future_tasks": True, "side_sets": "every_stage"}  # left out of a run's config at these values (cvit-v1's hash)
 
 
 @dataclass(frozen=True)
@@ -222,7 +235,7 @@ def _dataclass_from(cls, where: str, mapping: Any, problems: list[str]):
         expected = type(getattr(cls(), key))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             problems.append(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
             continue
         values[key] = value
@@ -386,6 +399,8 @@ def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
         evaluation=_dataclass_from(EvaluationConfig, f"{where}: evaluation", data.get("evaluation"), problems),
         model=model,
     )
+    if common["evaluation"].side_sets not in SIDE_SET_SCHEDULES:
+        problems.append(f"{where}: evaluation.side_sets: expected one of {SIDE_SET_SCHEDULES}, got {common['evaluation'].side_sets!r}")
     if source == "llava":
         images = data_section.get("images")
         suite: Suite = RealSuite(
