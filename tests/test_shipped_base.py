@@ -93,3 +93,26 @@ def test_the_forms_corpus_pairs_every_skill_with_every_form(tmp_path):
             assert list(json.loads(answer)) == ["answer"]
         elif form == "capitals":
             assert answer == answer.upper()
+
+
+def test_the_evaluation_schedule_skips_only_cells_no_metric_reads():
+    """future_tasks false: after stage j only tasks 1..j+1 (row 0 whole, for FWT); side_sets ends: stage 0 and the last."""
+    from cvit_bench.evaluation.evaluate import EvalSet
+    from cvit_bench.runner import EvalPlan
+    from cvit_bench.suites.schema import EvaluationConfig
+
+    def sets(prefix: str, n: int) -> list[EvalSet]:
+        return [EvalSet(f"{prefix}{i}", f"{prefix}{i}", "exact_match", [], 4) for i in range(1, n + 1)]
+
+    plan = EvalPlan(sets("t", 4), sets("u", 2), sets("h", 4))
+    lean = EvaluationConfig(future_tasks=False, side_sets="ends")
+
+    def names(rows: tuple[int, ...], config: EvaluationConfig) -> dict[str, list[str]]:
+        return {group: [s.name for s in chosen] for group, chosen in plan.scheduled(rows, 4, config).groups().items()}
+
+    assert names((0,), lean) == {"seen": ["t1", "t2", "t3", "t4"], "unseen": ["u1", "u2"], "heldout": ["h1", "h2", "h3", "h4"]}
+    assert names((1,), lean) == {"seen": ["t1", "t2"], "unseen": [], "heldout": []}
+    assert names((3,), lean)["seen"] == ["t1", "t2", "t3", "t4"]
+    assert names((4,), lean)["unseen"] == ["u1", "u2"]
+    assert names((1, 2, 3, 4), lean)["heldout"] == ["h1", "h2", "h3", "h4"]  # joint's one evaluation fills every row
+    assert names((1,), EvaluationConfig()) == names((0,), lean)  # the default evaluates everything after every stage

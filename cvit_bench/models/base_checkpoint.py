@@ -61,18 +61,27 @@ class PretrainConfig:
     vision_size: int = 20000  # scenes drawn for the tower stage, apart from the language corpus
     corpus: str = PRETRAIN_TASK  # generator kind of the language corpus: cvit-v1's plain sentences or cvit-v2's "pretrain-forms"
     warmup_steps: int = 50
+    train_vision: bool = True  # whether the language stage also trains the tower (cvit-v1) or keeps it frozen (cvit-v2)
 
     def hashed(self) -> dict:
         """The fields that determine the base; fields added after cvit-v1 count only when changed, so its hash stays."""
-        later = {"corpus": PRETRAIN_TASK, "warmup_steps": 50}
+        later = {"corpus": PRETRAIN_TASK, "warmup_steps": 50, "train_vision": True}
         return {key: value for key, value in self.__dict__.items() if key not in later or value != later[key]}
 
 
-class _TrainEverything(Method):
-    """The base stage trains the whole model, vision tower included (it starts from random weights)."""
+class _BaseStage(Method):
+    """The language stage trains the whole model, or everything but the tower its own stage already trained.
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        return model
+    cvit-v1 trains the tower here too; cvit-v2 freezes it, as LLaVA freezes CLIP, so the features
+    the tower stage taught are not washed out while the projector is still random.
+    """
+
+    def __init__(self, train_vision: bool) -> None:
+        super().__init__()
+        self.train_vision = train_vision
+
+    def wrap_model(self, model: nn.Module, tasks: list[str]) -> nn.Module:
+        return model if self.train_vision else super().wrap_model(model, tasks)
 
 
 def _section(suite: Suite, key: str, cls):
@@ -141,7 +150,8 @@ def _pretrain(suite: Suite, tiny: TinyLlavaConfig, pretrain: PretrainConfig, dat
                         feature_layer=model.config.vision_feature_layer, report=report)
     config = TrainingConfig(steps_per_task=pretrain.steps, batch_size=pretrain.batch_size, lr=pretrain.lr,
                             warmup_steps=pretrain.warmup_steps)
-    train_stage(model, _TrainEverything(), samples, Collator(processor), config, steps=pretrain.steps, seed=f"pretrain-{digest}", report=report)
+    stage = _BaseStage(pretrain.train_vision)
+    train_stage(stage.wrap_model(model, []), stage, samples, Collator(processor), config, steps=pretrain.steps, seed=f"pretrain-{digest}", report=report)
     return model, processor
 
 
