@@ -1,7 +1,7 @@
 # Set-up is part of every target: a fresh clone needs only `make run` or `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SUITE ?= cvit-v1
+SUITE ?= cvit-v2
 METHOD ?= seqlora
 JOBS ?= 2
 SEEDS ?= 0,1,2
@@ -30,13 +30,13 @@ bench: install
 	$(VENV)/bin/cvit-bench bench --suite $(SUITE)
 
 check: install
-	$(VENV)/bin/cvit-bench check --suite cvit-v1-check
+	$(VENV)/bin/cvit-bench check --suite cvit-v2-check
 
-# Every method x 3 seeds on cvit-v1 and its multi-type twin, then the CSVs. Finished runs (their
-# results.json files are committed under leaderboards/runs) are skipped; interrupted ones resume.
+# Every method x 3 seeds on $(SUITE) (cvit-v2; the frozen cvit-v1 and cvit-v1-multi rebuild with SUITE=...),
+# then the CSVs. Finished runs (their results.json files are committed under leaderboards/runs) are
+# skipped; interrupted ones resume.
 leaderboard: install
-	$(VENV)/bin/cvit-bench run --suite cvit-v1 --method all --seeds $(SEEDS) --jobs $(JOBS) --results-dir leaderboards/runs
-	$(VENV)/bin/cvit-bench run --suite cvit-v1-multi --method all --seeds $(SEEDS) --jobs $(JOBS) --results-dir leaderboards/runs
+	$(VENV)/bin/cvit-bench run --suite $(SUITE) --method all --seeds $(SEEDS) --jobs $(JOBS) --results-dir leaderboards/runs
 	$(VENV)/bin/cvit-bench report --results-dir leaderboards/runs --out-dir leaderboards
 
 test: install

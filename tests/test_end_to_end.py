@@ -98,7 +98,7 @@ def test_cli_run_prints_the_summary(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--suite", "cvit-v2", "--method", "seqlora"], "did you mean 'cvit-v1'"),
+        (["--suite", "cvit-v2x", "--method", "seqlora"], "did you mean 'cvit-v2'"),
         (["--suite", SMOKE, "--method", "seqlroa"], "did you mean 'seqlora'"),
         (["--suite", SMOKE, "--method", "seqlora", "--option", "rank=4"], "unknown option(s) ['rank']"),
         (["--suite", SMOKE, "--method", "seqlora", "--option", "r=four"], "option r='four' must be int"),

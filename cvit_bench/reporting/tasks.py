@@ -1,0 +1,44 @@
+"""The per-task leaderboard (``<suite>-tasks.csv``): was each task learned, and what is left of it at the end?
+
+A suite's AP means something only where its tasks were learned: this table puts every method's
+diagonal R[i, i] (the task just after training it) and final-row score R[T, i] next to the task's
+image-blind chance, with how often the most frequent reply was given, so a constant answer is
+seen for what it is.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = ("method", "task", "chance", "diag_mean", "diag_std", "final_mean", "final_std",
+           "diag_top_reply_share", "n_items", "n_seeds")
+
+
+def _declared_chance(run: dict) -> dict[str, float | None]:
+    return {task["name"]: task.get("chance") for task in run["run_info"]["config"]["suite"]["tasks"]}
+
+
+def task_rows(method: str, runs: list[dict]) -> list[dict]:
+    """One row per seen task of one method's runs (seeds of one setup)."""
+    first = runs[0]
+    tasks = first["run_info"]["task_order"]
+    chance = _declared_chance(first)
+    diag = np.array([[run["matrices"]["seen"]["vu"][i + 1][i] for i in range(len(tasks))] for run in runs], dtype=float)
+    final = np.array([run["matrices"]["seen"]["vu"][-1] for run in runs], dtype=float)
+    shares = [run.get("top_reply_share", {}).get("seen") for run in runs]
+    rows = []
+    for i, task in enumerate(tasks):
+        diag_share = [s[i + 1][i] for s in shares if s is not None]
+        rows.append({
+            "method": method, "task": task, "chance": chance.get(task),
+            "diag_mean": diag[:, i].mean(), "diag_std": diag[:, i].std(ddof=1) if len(runs) > 1 else np.nan,
+            "final_mean": final[:, i].mean(), "final_std": final[:, i].std(ddof=1) if len(runs) > 1 else np.nan,
+            "diag_top_reply_share": float(np.mean(diag_share)) if diag_share else np.nan,
+            "n_items": first.get("n_items", {}).get("seen", {}).get(task), "n_seeds": len(runs),
+        })
+    return rows
+
+
+def tasks_table(runs_by_method: dict[str, list[dict]]) -> pd.DataFrame:
+    rows = [row for method in sorted(runs_by_method) for row in task_rows(method, runs_by_method[method])]
+    return pd.DataFrame(rows, columns=list(COLUMNS))
