@@ -342,8 +342,10 @@ def bench(
     eval_samples: int = typer.Option(64, help="samples generated for the evaluation throughput"),
     out: Path = typer.Option(Path("bench.json"), help="where the JSON report goes"),
 ) -> None:
-    """Train-step time of every method relative to seqlora on the same batches, eval throughput and peak memory."""
-    from cvit_bench.benchmark import REFERENCE_METHOD, rows_to_json, run_benchmark
+    """Train-step time of every method relative to seqlora on the same batches, its FLOPs and MFU, eval throughput and peak memory."""
+    import torch
+
+    from cvit_bench.benchmark import REFERENCE_METHOD, matmul_peak_gflops, rows_to_json, run_benchmark
     from cvit_bench.io import atomic_write_json
     from cvit_bench.methods import METHODS
 
@@ -353,19 +355,23 @@ def bench(
         for name in names:
             METHODS.get(name)
         with console.status("benchmarking") as status:
-            rows = run_benchmark(loaded, names, steps=steps, warmup=warmup, eval_samples=eval_samples,
+            status.update("measuring the fp32 matmul peak")
+            peak = matmul_peak_gflops()
+            rows = run_benchmark(loaded, names, peak_gflops=peak, steps=steps, warmup=warmup, eval_samples=eval_samples,
                                  report=lambda name: status.update(f"benchmarking {name}"))
     except USER_ERRORS as error:
         fail(error)
     table = Table(title=f"cvit-bench bench: {loaded.name}, batch {loaded.training.batch_size}, {steps} timed steps")
-    for header in ("method", "step ms", f"x {REFERENCE_METHOD}", "eval samples/s", "eval tokens/s", "peak MB", "trainable"):
+    for header in ("method", "step ms", f"x {REFERENCE_METHOD}", "GFLOP/step", "MFU %", "eval samples/s", "eval tokens/s", "peak MB", "trainable"):
         table.add_column(header, no_wrap=True)
     for row in rows:
         trains = row.step_ms is not None
-        table.add_row(row.method, f"{row.step_ms:.0f}" if trains else "-", f"{row.relative_step:.2f}" if trains else "-", f"{row.eval_samples_per_s:.1f}",
+        table.add_row(row.method, f"{row.step_ms:.0f}" if trains else "-", f"{row.relative_step:.2f}" if trains else "-",
+                      f"{row.gflop_per_step:.2f}" if trains else "-", f"{row.mfu_percent:.1f}" if trains else "-", f"{row.eval_samples_per_s:.1f}",
                       f"{row.eval_tokens_per_s:.0f}", f"{row.peak_memory_mb:.0f}", f"{row.trainable_params:,}")
-    console.print(table)
-    atomic_write_json(out, rows_to_json(rows, loaded, steps, warmup))
+    print_table(table)
+    console.print(f"fp32 matmul peak: {peak:.1f} GFLOP/s (best of 2048 x 2048 products, {torch.get_num_threads()} threads)")
+    atomic_write_json(out, rows_to_json(rows, loaded, steps, warmup, peak))
     console.print(f"wrote {out}")
 
 
