@@ -1,20 +1,28 @@
-"""``cvit-bench bench``: every method's training-step cost relative to ``seqlora``, evaluation throughput and memory.
+"""``cvit-bench bench``: every method's training-step cost relative to ``seqlora``, its MFU, evaluation throughput and memory.
 
 All methods run in one process on the same pre-collated batches of the suite's first
 task (collation is excluded from the step time), after a few warm-up steps. Memory is
 the peak of ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU it is the peak
 growth of the process's resident set during that method's measurement, sampled every
 5 ms (an upper bound that includes allocator caching).
+
+MFU (model FLOPs utilisation) is a step's FLOPs over its time over the machine's fp32
+matmul rate, measured once per bench rather than taken from a datasheet (on a CPU the
+rate depends on the thread count and on what else runs). FLOPs are counted by torch's
+``FlopCounterMode`` (matrix products, convolutions, attention; forward and backward) on
+the timed batches again once the measurements are done, so the count neither slows the
+timed steps nor misses the batches' differing padded lengths.
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import psutil
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
@@ -39,6 +47,8 @@ class BenchRow:
     eval_tokens_per_s: float
     peak_memory_mb: float
     trainable_params: int
+    gflop_per_step: float | None  # forward + backward FLOPs of a timed step (mean over the timed batches)
+    mfu_percent: float | None  # step FLOPs / step time / the measured matmul peak
 
 
 class PeakMemory:
@@ -69,32 +79,60 @@ class PeakMemory:
             self._thread.join()
 
 
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The machine's fp32 matmul rate in GFLOP/s: the best of ``repeats`` timed size x size products, current thread count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # first call: thread pool start-up and allocation
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def count_flops(work: Callable[[], Any]) -> int:
+    """FLOPs of everything ``work`` runs, backward included, as ``FlopCounterMode`` counts them."""
+    with FlopCounterMode(display=False) as counter:
+        work()
+    return counter.get_total_flops()
+
+
+def mfu_percent(flops_per_step: float, step_seconds: float, peak_gflops: float) -> float:
+    return 100 * flops_per_step / step_seconds / (peak_gflops * 1e9)
+
+
 def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
 def bench_method(suite: Suite, name: str, model_dir, train_chunks, eval_samples, *, warmup: int, seed: int) -> dict:
-    """Step time, eval throughput and peak memory of one method (absolute figures)."""
+    """Step time, FLOPs per step, eval throughput and peak memory of one method (absolute figures)."""
     seed_everything(seed)
     model, processor = load_model(model_dir)
     method = build_method(name, {})
     model = method.wrap_model(model, suite.task_names)
     collator = Collator(processor)
     task = suite.tasks[0].name
-    batches = [collator.train_batch(chunk) for chunk in train_chunks]
+    collated = [(chunk, collator.train_batch(chunk)) for chunk in train_chunks]
+    warm, timed = collated[:warmup], collated[warmup:]
     with PeakMemory() as memory:
         if method.trains():
             method.before_stage(1, (task,), model)
             model.train()
-            optimizer, scheduler, trainable = make_optimizer(model, method, suite.training, len(batches))
-            for i, (chunk, batch) in enumerate(zip(train_chunks, batches)):
-                if i == warmup:
-                    _synchronize()
-                    start = time.perf_counter()
-                train_step(model, method, chunk, batch, optimizer, scheduler, trainable, suite.training.max_grad_norm)
+            optimizer, scheduler, trainable = make_optimizer(model, method, suite.training, len(train_chunks))
+
+            def train_on(steps: list) -> None:
+                for chunk, batch in steps:
+                    train_step(model, method, chunk, batch, optimizer, scheduler, trainable, suite.training.max_grad_norm)
+
+            train_on(warm)
             _synchronize()
-            step_ms = 1000 * (time.perf_counter() - start) / (len(batches) - warmup)
+            start = time.perf_counter()
+            train_on(timed)
+            _synchronize()
+            step_ms = 1000 * (time.perf_counter() - start) / len(timed)
         else:
             step_ms = None
         margin = suite.evaluation.max_new_tokens_margin
@@ -103,8 +141,13 @@ def bench_method(suite: Suite, name: str, model_dir, train_chunks, eval_samples,
                              max_new_tokens=collator.target_length(eval_samples) + margin, batch_context=method.batch_context)
         _synchronize()
         eval_s = time.perf_counter() - start
+    flops = None
+    if step_ms is not None:  # counted after every measurement: the counter slows the steps it watches
+        model.train()
+        flops = count_flops(lambda: train_on(timed)) / len(timed)
     return {
         "step_ms": step_ms,
+        "flops_per_step": flops,
         "eval_samples_per_s": len(eval_samples) / eval_s,
         "eval_tokens_per_s": tokens / eval_s,
         "peak_memory_mb": memory.peak_mb,
@@ -113,10 +156,10 @@ def bench_method(suite: Suite, name: str, model_dir, train_chunks, eval_samples,
 
 
 def run_benchmark(
-    suite: Suite, methods: list[str], *, steps: int = 20, warmup: int = 3, eval_samples: int = 64, seed: int = 0,
+    suite: Suite, methods: list[str], *, peak_gflops: float, steps: int = 20, warmup: int = 3, eval_samples: int = 64, seed: int = 0,
     report: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
-    """Measure ``methods`` (``seqlora`` is always included as the reference) on identical batches."""
+    """Measure ``methods`` (``seqlora`` is always included as the reference) on identical batches; MFU against ``peak_gflops``."""
     data = materialize(suite, seed)
     model_dir, _ = prepare_base(suite)
     first = suite.tasks[0]
@@ -132,11 +175,18 @@ def run_benchmark(
             report(name)
         measured[name] = bench_method(suite, name, model_dir, train_chunks, eval_samples, warmup=warmup, seed=seed)
     reference = measured[REFERENCE_METHOD]["step_ms"]
-    return [BenchRow(name, relative_step=None if m["step_ms"] is None else m["step_ms"] / reference, **m) for name, m in measured.items()]
+    rows = []
+    for name, m in measured.items():
+        flops = m.pop("flops_per_step")
+        trains = m["step_ms"] is not None
+        rows.append(BenchRow(name, relative_step=m["step_ms"] / reference if trains else None, **m,
+                             gflop_per_step=flops / 1e9 if trains else None,
+                             mfu_percent=mfu_percent(flops, m["step_ms"] / 1000, peak_gflops) if trains else None))
+    return rows
 
 
-def rows_to_json(rows: list[BenchRow], suite: Suite, steps: int, warmup: int) -> dict:
+def rows_to_json(rows: list[BenchRow], suite: Suite, steps: int, warmup: int, peak_gflops: float) -> dict:
     from cvit_bench.runner import provenance
 
     return {"suite": suite.name, "reference": REFERENCE_METHOD, "steps": steps, "warmup": warmup,
-            "batch_size": suite.training.batch_size, **provenance(), "methods": [asdict(r) for r in rows]}
+            "batch_size": suite.training.batch_size, "matmul_peak_gflops": peak_gflops, **provenance(), "methods": [asdict(r) for r in rows]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 import yaml
@@ -16,6 +16,9 @@ from cvit_bench.data.llava_format import DataError
 from cvit_bench.registry import ConfigError, UnknownNameError
 from cvit_bench.suites.schema import SuiteError, load_suite, suite_names
 from cvit_bench.training.loop import NonFiniteLossError
+
+if TYPE_CHECKING:
+    from cvit_bench.suites.orders import TaskOrder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Benchmark harness for continual visual instruction tuning.")
 console = Console()
@@ -30,6 +33,15 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers|peft")
+
+
+def print_table(table: Table) -> None:
+    """Off a terminal (CI logs, `> file`) a wide table keeps its natural width instead of being cut to a guessed 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    Console(file=console.file, width=max(console.width, natural)).print(table)
 
 
 def fail(error: Exception) -> None:
@@ -103,7 +115,8 @@ def run(
     dtype: str = typer.Option("float32", help="model weights dtype: float32, bfloat16 or float16"),
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (less memory, ~30% slower)"),
     module_pattern: list[str] = typer.Option([], help="override an adapted-module regex KEY=REGEX, KEY in llm_linears, llm_ffn, projector, vision"),
-    run_id: Optional[str] = typer.Option(None, help="run directory name (default seed<N>)"),
+    order: Optional[str] = typer.Option(None, help="train the tasks in this order: a name from the suite's `orders:` or a comma-separated permutation of its tasks (default: as listed)"),
+    run_id: Optional[str] = typer.Option(None, help="run directory name (default seed<N>, seed<N>-order-<name> with --order)"),
     resume: Optional[Path] = typer.Option(None, help="continue the run in this directory with the options it was started with"),
     fresh: bool = typer.Option(False, help="discard the run directory's checkpoint and results and start over"),
     keep_checkpoint: bool = typer.Option(False, help="keep the last stage checkpoint (final weights) after the run finishes"),
@@ -117,6 +130,7 @@ def run(
     from cvit_bench.models.backend import parse_dtype, parse_module_patterns
     from cvit_bench.reporting.tables import run_summary_table
     from cvit_bench.runner import Reporter, RunOptions, run as run_suite
+    from cvit_bench.suites.orders import resolve_order
 
     try:
         parse_dtype(dtype)
@@ -128,6 +142,8 @@ def run(
             raise ConfigError("run: pass --method (or --resume RUN_DIR)")
         else:
             methods, seed_list = _sweep_axes(method, seeds, seed)
+            loaded = load_suite(suite)
+            task_order = resolve_order(loaded, order)
             if len(methods) * len(seed_list) > 1:
                 if run_id is not None:
                     raise ConfigError("run: --run-id names one run; a sweep writes seed<N> directories")
@@ -139,11 +155,12 @@ def run(
                           *[arg for item in module_pattern for arg in ("--module-pattern", item)],
                           *(["--data-root", str(data_root)] if data_root else []), *(["--fresh"] if fresh else []),
                           *(["--keep-checkpoint"] if keep_checkpoint else [])]
-                _sweep(load_suite(suite), suite, methods, seed_list, results_dir, jobs, threads, extra)
+                _sweep(loaded, suite, methods, seed_list, results_dir, jobs, threads, extra, task_order)
                 return
-            options = RunOptions(load_suite(suite), methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
+            options = RunOptions(loaded, methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
                                  steps_per_task, run_id, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-                                 max_steps=max_steps, module_patterns=parse_module_patterns(module_pattern), epochs_per_task=epochs_per_task)
+                                 max_steps=max_steps, module_patterns=parse_module_patterns(module_pattern), epochs_per_task=epochs_per_task,
+                                 order=task_order)
         if threads:
             options = dataclasses.replace(options, threads=threads)
         if not current_processes().is_main:  # under accelerate launch only the main process reports and writes
@@ -178,7 +195,8 @@ def _parse_seeds(seeds: str) -> list[int]:
         raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
 
 
-def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results_dir: Path, jobs: int, threads: int | None, extra: list[str]) -> None:
+def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results_dir: Path, jobs: int, threads: int | None, extra: list[str],
+           order: TaskOrder | None) -> None:
     """Every (method, seed) as a child `cvit-bench run`; failures are listed with their logs and make the exit code 1."""
     from cvit_bench.models.base_checkpoint import prepare_base
     from cvit_bench.suites.materialize import materialize
@@ -193,8 +211,9 @@ def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results
             if "--model" not in extra:
                 prepare_base(loaded, report=reporter.step)
     threads = threads or default_threads(jobs)
-    runs = plan_sweep(suite_ref, loaded.name, methods, seeds, results_dir, threads, extra)
-    console.print(f"sweep: {len(runs)} runs of {loaded.name} ({len(methods)} methods x seeds {seeds}), {jobs} at a time, {threads} threads each")
+    runs = plan_sweep(suite_ref, loaded.name, methods, seeds, results_dir, threads, extra, order)
+    in_order = f", order {order.name}" if order else ""
+    console.print(f"sweep: {len(runs)} runs of {loaded.name}{in_order} ({len(methods)} methods x seeds {seeds}), {jobs} at a time, {threads} threads each")
 
     def done(outcome, finished: int, total: int) -> None:
         state = "[green]ok[/]" if outcome.returncode == 0 else f"[red]failed (exit {outcome.returncode})[/], see {outcome.log}"
@@ -299,20 +318,27 @@ def report(
     out_dir: Path = typer.Option(Path("leaderboards"), help="where leaderboard CSVs and heatmaps go"),
     heatmaps: bool = typer.Option(True, help="write heatmap PNGs of each run's matrices next to its results.json"),
 ) -> None:
-    """Rebuild leaderboard CSVs from all results, print them and draw heatmaps."""
+    """Rebuild leaderboard CSVs (one per suite and task order) and each suite's rank agreement from all results, print them
+    and draw heatmaps."""
     from cvit_bench.reporting.heatmaps import plot_run_heatmaps
-    from cvit_bench.reporting.leaderboard import build_leaderboard, find_results, rebuild_leaderboards
-    from cvit_bench.reporting.tables import leaderboard_table
+    from cvit_bench.reporting.leaderboard import build_leaderboard, find_results, leaderboard_groups, rebuild_leaderboards
+    from cvit_bench.reporting.rank_agreement import rebuild_rank_agreement
+    from cvit_bench.reporting.tables import leaderboard_table, rank_agreement_table
 
     try:
         written = rebuild_leaderboards(results_dir, out_dir)
-        for suite_name, path in sorted(written.items()):
-            results = find_results(results_dir, suite_name)
-            console.print(leaderboard_table(build_leaderboard(results)))
+        all_results = find_results(results_dir)
+        groups = leaderboard_groups(all_results)
+        for name, path in sorted(written.items()):
+            results = groups[name]
+            print_table(leaderboard_table(build_leaderboard(results), title=f"Leaderboard: {name}"))
             console.print(f"wrote {path}")
             if heatmaps:
                 for result in results:
                     plot_run_heatmaps(result, Path(result["results_path"]).parent)
+        for suite_name, (path, table) in rebuild_rank_agreement(all_results, out_dir).items():
+            print_table(rank_agreement_table(table, title=f"Rank agreement: {suite_name}"))
+            console.print(f"wrote {path}")
     except (*USER_ERRORS, ValueError) as error:  # leaderboard refusals (mixed data hashes, duplicates) are ValueErrors
         fail(error)
 
@@ -326,8 +352,10 @@ def bench(
     eval_samples: int = typer.Option(64, help="samples generated for the evaluation throughput"),
     out: Path = typer.Option(Path("bench.json"), help="where the JSON report goes"),
 ) -> None:
-    """Train-step time of every method relative to seqlora on the same batches, eval throughput and peak memory."""
-    from cvit_bench.benchmark import REFERENCE_METHOD, rows_to_json, run_benchmark
+    """Train-step time of every method relative to seqlora on the same batches, its FLOPs and MFU, eval throughput and peak memory."""
+    import torch
+
+    from cvit_bench.benchmark import REFERENCE_METHOD, matmul_peak_gflops, rows_to_json, run_benchmark
     from cvit_bench.io import atomic_write_json
     from cvit_bench.methods import METHODS
 
@@ -337,19 +365,23 @@ def bench(
         for name in names:
             METHODS.get(name)
         with console.status("benchmarking") as status:
-            rows = run_benchmark(loaded, names, steps=steps, warmup=warmup, eval_samples=eval_samples,
+            status.update("measuring the fp32 matmul peak")
+            peak = matmul_peak_gflops()
+            rows = run_benchmark(loaded, names, peak_gflops=peak, steps=steps, warmup=warmup, eval_samples=eval_samples,
                                  report=lambda name: status.update(f"benchmarking {name}"))
     except USER_ERRORS as error:
         fail(error)
     table = Table(title=f"cvit-bench bench: {loaded.name}, batch {loaded.training.batch_size}, {steps} timed steps")
-    for header in ("method", "step ms", f"x {REFERENCE_METHOD}", "eval samples/s", "eval tokens/s", "peak MB", "trainable"):
+    for header in ("method", "step ms", f"x {REFERENCE_METHOD}", "GFLOP/step", "MFU %", "eval samples/s", "eval tokens/s", "peak MB", "trainable"):
         table.add_column(header, no_wrap=True)
     for row in rows:
         trains = row.step_ms is not None
-        table.add_row(row.method, f"{row.step_ms:.0f}" if trains else "-", f"{row.relative_step:.2f}" if trains else "-", f"{row.eval_samples_per_s:.1f}",
+        table.add_row(row.method, f"{row.step_ms:.0f}" if trains else "-", f"{row.relative_step:.2f}" if trains else "-",
+                      f"{row.gflop_per_step:.2f}" if trains else "-", f"{row.mfu_percent:.1f}" if trains else "-", f"{row.eval_samples_per_s:.1f}",
                       f"{row.eval_tokens_per_s:.0f}", f"{row.peak_memory_mb:.0f}", f"{row.trainable_params:,}")
-    console.print(table)
-    atomic_write_json(out, rows_to_json(rows, loaded, steps, warmup))
+    print_table(table)
+    console.print(f"fp32 matmul peak: {peak:.1f} GFLOP/s (best of 2048 x 2048 products, {torch.get_num_threads()} threads)")
+    atomic_write_json(out, rows_to_json(rows, loaded, steps, warmup, peak))
     console.print(f"wrote {out}")
 
 
@@ -361,6 +393,7 @@ def check(
     seeds: str = typer.Option("0,1,2", help="seeds whose spread defines the bands (with --record; the first becomes the check seed)"),
     k: float = typer.Option(3.0, help="band half-width in sample standard deviations (with --record)"),
     results_dir: Optional[Path] = typer.Option(None, help="keep the runs here (default: a temporary directory; an existing one is resumed)"),
+    order: Optional[str] = typer.Option(None, help="train the tasks in this order (as `run --order`); its bands are checks/<suite>-order-<name>.yaml"),
 ) -> None:
     """CI regression check: re-run a fixed set of methods and seeds; fail with a table of every metric outside its band."""
     import tempfile
@@ -368,10 +401,12 @@ def check(
     from cvit_bench.io import read_json
     from cvit_bench.regression import bands_path, compare, derive_bands, kept_bands, load_bands, write_bands
     from cvit_bench.runner import RunOptions, run as run_suite
+    from cvit_bench.suites.orders import resolve_order
 
     try:
         loaded = load_suite(suite)
-        path = bands_path(loaded.name)
+        task_order = resolve_order(loaded, order)
+        path = bands_path(loaded.name, task_order)
         if record:
             if not method:
                 raise ConfigError("check --record: name the methods to record with --method")
@@ -394,12 +429,12 @@ def check(
                 for name, name_seeds in plan.items():
                     for seed in name_seeds:
                         reporter.message(f"{name} seed {seed}")
-                        run_dir = run_suite(RunOptions(loaded, name, seed, directory), reporter)
+                        run_dir = run_suite(RunOptions(loaded, name, seed, directory, order=task_order), reporter)
                         results.setdefault(name, []).append(read_json(run_dir / "results.json"))
     except USER_ERRORS as error:
         fail(error)
     if record:
-        write_bands(path, loaded.name, seed_list, seed_list[:1], k, kept | derive_bands(results, k))
+        write_bands(path, loaded.name, seed_list, seed_list[:1], k, kept | derive_bands(results, k), task_order)
         console.print(f"wrote {path}")
         return
     violations = compare(results, bands)

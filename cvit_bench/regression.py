@@ -19,6 +19,7 @@ import yaml
 
 from cvit_bench.io import atomic_write_text
 from cvit_bench.registry import ConfigError
+from cvit_bench.suites.orders import TaskOrder
 from cvit_bench.suites.schema import REPO_ROOT
 
 CHECKS_DIR = REPO_ROOT / "checks"
@@ -94,8 +95,9 @@ def compare(results: dict[str, list[dict[str, Any]]], bands: Bands) -> list[Viol
     return violations
 
 
-def bands_path(suite: str) -> Path:
-    return CHECKS_DIR / f"{suite}.yaml"
+def bands_path(suite: str, order: TaskOrder | None = None) -> Path:
+    """``checks/<suite>.yaml``; a non-default task order has its own bands, ``checks/<suite>-order-<name>.yaml``."""
+    return CHECKS_DIR / (f"{suite}.yaml" if order is None else f"{suite}-order-{order.name}.yaml")
 
 
 def kept_bands(path: Path, methods: list[str], seeds: list[int], k: float) -> dict[str, dict[str, Band]]:
@@ -115,17 +117,20 @@ def kept_bands(path: Path, methods: list[str], seeds: list[int], k: float) -> di
     return others
 
 
-def write_bands(path: Path, suite: str, seeds: list[int], check_seeds: list[int], k: float, bands: dict[str, dict[str, Band]]) -> None:
+def write_bands(path: Path, suite: str, seeds: list[int], check_seeds: list[int], k: float, bands: dict[str, dict[str, Band]],
+                order: TaskOrder | None = None) -> None:
     document = {
         "suite": suite,
+        **({"order": order.spec} if order else {}),
         "recorded_seeds": seeds,
         "check_seeds": check_seeds,
         "k": k,
         "floors": FLOORS,
         "methods": {m: {metric: [b.low, b.high] for metric, b in per.items()} for m, per in sorted(bands.items())},
     }
-    header = (f"# Regression bands for `cvit-bench check --suite {suite}`: per method and metric [low, high] =\n"
-              f"# mean +- max(k * std, floor) over the recorded seeds. Rewrite with `cvit-bench check --suite {suite} --record`.\n")
+    command = f"cvit-bench check --suite {suite}" + (f" --order {order.spec}" if order else "")
+    header = (f"# Regression bands for `{command}`: per method and metric [low, high] =\n"
+              f"# mean +- max(k * std, floor) over the recorded seeds. Rewrite with `{command} --record`.\n")
     atomic_write_text(path, header + yaml.safe_dump(document, sort_keys=False))
 
 

@@ -42,6 +42,7 @@ from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.paths import config_differences, config_hash
 from cvit_bench.registry import ConfigError
 from cvit_bench.suites.materialize import SuiteData, materialize, resolve_data_root
+from cvit_bench.suites.orders import TaskOrder, default_run_id, in_order, resolve_order
 from cvit_bench.suites.schema import REPO_ROOT, EvaluationConfig, RealSuite, Suite, SuiteError, resolve_suite_path
 from cvit_bench.training.loop import NonFiniteLossError, train_stage
 
@@ -67,10 +68,14 @@ class RunOptions:
     max_steps: int | None = None  # cap on every stage's optimizer steps (budgets on real models)
     module_patterns: dict[str, str] = field(default_factory=dict)  # ModuleMap overrides, KEY -> regex
     epochs_per_task: float | None = None  # each stage trains ceil(E x its samples / batch size) steps instead of steps_per_task
+    order: TaskOrder | None = None  # None: the suite's listed order
+
+    def __post_init__(self) -> None:
+        self.suite = in_order(self.suite, self.order)  # the suite as trained: everything downstream reads its tasks in this order
 
     @property
     def run_dir(self) -> Path:
-        return self.results_dir / self.suite.name / self.method / (self.run_id or f"seed{self.seed}")
+        return self.results_dir / self.suite.name / self.method / (self.run_id or default_run_id(self.seed, self.order and self.order.name))
 
     def request(self) -> dict[str, Any]:
         """The options as JSON; a shipped suite is named rather than located, so a run directory can move between clones."""
@@ -79,7 +84,7 @@ class RunOptions:
             "suite": self.suite.name if shipped else str(Path(self.suite.path).resolve()), "method": self.method,
             "seed": self.seed, "model": self.model, "data_root": None if self.data_root is None else str(Path(self.data_root).resolve()),
             "method_overrides": self.method_overrides, "steps_per_task": self.steps_per_task, "threads": self.threads,
-            **self._backend_options(),
+            **self._backend_options(), **({"order": self.order.spec} if self.order else {}),
         }
 
     def _backend_options(self) -> dict[str, Any]:
@@ -101,8 +106,9 @@ class RunOptions:
         if not request_path.is_file():
             raise ConfigError(f"{run_dir}: not a run directory ({REQUEST_FILE} is missing)")
         request = read_json(request_path)
+        suite = load_suite(request["suite"])
         options = cls(
-            suite=load_suite(request["suite"]), method=request["method"], seed=request["seed"],
+            suite=suite, method=request["method"], seed=request["seed"], order=resolve_order(suite, request.get("order")),
             results_dir=run_dir.parent.parent.parent, model=request["model"],
             data_root=None if request["data_root"] is None else Path(request["data_root"]),
             method_overrides=request["method_overrides"], steps_per_task=request["steps_per_task"], run_id=run_dir.name,
@@ -315,9 +321,10 @@ def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_h
 
 
 def _setup_only(value: Any) -> Any:
-    """The suite as data: where its files live and its prose (descriptions, where to obtain data) are not part of the setup."""
+    """The suite as data: where its files live, its prose (descriptions, where to obtain data) and the orders it names are not
+    part of the setup; the order a run trains is, as the order of its tasks."""
     if isinstance(value, dict):
-        return {key: _setup_only(item) for key, item in value.items() if key not in ("path", "description", "obtain")}
+        return {key: _setup_only(item) for key, item in value.items() if key not in ("path", "description", "obtain", "orders")}
     if isinstance(value, list):
         return [_setup_only(item) for item in value]
     return value

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from cvit_bench.suites.orders import TaskOrder, default_run_id
+
 
 @dataclass(frozen=True)
 class SweepRun:
@@ -36,12 +38,13 @@ class SweepOutcome:
 
 
 def plan_sweep(suite_ref: str, suite_name: str, methods: list[str], seeds: list[int], results_dir: Path,
-               threads: int, extra_args: list[str]) -> list[SweepRun]:
+               threads: int, extra_args: list[str], order: TaskOrder | None = None) -> list[SweepRun]:
     """One child ``cvit-bench run`` per (method, seed), seed-major so that a partial sweep covers every method."""
+    order_args = ["--order", order.spec] if order else []
     return [
-        SweepRun(method, seed, results_dir / suite_name / method / f"seed{seed}", (
+        SweepRun(method, seed, results_dir / suite_name / method / default_run_id(seed, order and order.name), (
             sys.executable, "-m", "cvit_bench", "run", "--suite", suite_ref, "--method", method, "--seed", str(seed),
-            "--results-dir", str(results_dir), "--threads", str(threads), *extra_args,
+            "--results-dir", str(results_dir), "--threads", str(threads), *order_args, *extra_args,
         ))
         for seed in seeds
         for method in methods

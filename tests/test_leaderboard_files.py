@@ -1,4 +1,4 @@
-"""The committed leaderboards are exactly what `cvit-bench report` rebuilds from the committed results."""
+"""The committed leaderboards (and rank-agreement tables) are exactly what `cvit-bench report` rebuilds from the committed results."""
 from __future__ import annotations
 
 from pathlib import Path

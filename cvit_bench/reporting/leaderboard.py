@@ -21,6 +21,8 @@ from filelock import FileLock
 
 from cvit_bench.io import atomic_write_text, read_json
 from cvit_bench.paths import config_differences
+from cvit_bench.suites.orders import order_label
+from cvit_bench.suites.schema import DEFAULT_ORDER
 
 METRIC_COLUMNS = [
     "AP", "MAP", "MFT", "BWT", "forgetting", "FWT", "MIF",
@@ -73,24 +75,39 @@ def build_leaderboard(results: list[dict]) -> pd.DataFrame:
     return board.reset_index(drop=True)
 
 
-def write_leaderboard(df: pd.DataFrame, path: Path) -> None:
+def write_leaderboard(df: pd.DataFrame, path: Path, float_format: str = "%.2f") -> None:
     """Byte-deterministic CSV, written atomically under a file lock shared with concurrent rebuilds."""
     buffer = io.StringIO()
-    df.to_csv(buffer, index=False, float_format="%.2f", lineterminator="\n")
+    df.to_csv(buffer, index=False, float_format=float_format, lineterminator="\n")
     with FileLock(str(path) + ".lock"):
         atomic_write_text(path, buffer.getvalue())
 
 
 def rebuild_leaderboards(results_dir: Path, out_dir: Path) -> dict[str, Path]:
-    """Rewrite `out_dir/<suite>.csv` from scratch for every suite with complete results."""
-    results_by_suite = defaultdict(list)
-    for result in find_results(results_dir):
-        results_by_suite[result["run_info"]["suite"]].append(result)
+    """Rewrite `out_dir/<name>.csv` from scratch for every leaderboard with complete results (see `leaderboard_groups`)."""
     written = {}
-    for suite, results in sorted(results_by_suite.items()):
-        written[suite] = Path(out_dir) / f"{suite}.csv"
-        write_leaderboard(build_leaderboard(results), written[suite])
+    for name, results in leaderboard_groups(find_results(results_dir)).items():
+        written[name] = Path(out_dir) / f"{name}.csv"
+        write_leaderboard(build_leaderboard(results), written[name])
     return written
+
+
+def leaderboard_groups(results: list[dict]) -> dict[str, list[dict]]:
+    """Runs per leaderboard, by name: `<suite>` for the suite's listed task order, `<suite>-order-<name>` for each other.
+
+    A task order is part of a run's setup, so its runs get their own leaderboard; runs in the
+    listed order keep the plain suite name, so suites run only in it have the leaderboards they had.
+    """
+    groups = defaultdict(list)
+    for result in results:
+        suite, order = result["run_info"]["suite"], run_order(result)
+        groups[suite if order == DEFAULT_ORDER else f"{suite}-order-{order}"].append(result)
+    return dict(sorted(groups.items()))
+
+
+def run_order(result: dict) -> str:
+    """The name of the task order a run trained (`default`: the suite's listed order, which runs do not record)."""
+    return order_label((result["run_info"].get("request") or {}).get("order"))
 
 
 def _method_row(method: str, runs: list[dict]) -> dict:

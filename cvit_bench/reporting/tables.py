@@ -27,6 +27,14 @@ def leaderboard_table(df: pd.DataFrame, title: str = "Leaderboard") -> Table:
     return table
 
 
+def rank_agreement_table(df: pd.DataFrame, title: str = "Rank agreement") -> Table:
+    """Kendall τ-b per compared pair of seeds or task orders, as `rank_agreement` computed them."""
+    table = Table("comparison", "a", "b", "methods", "τ", title=title)
+    for _, row in df.iterrows():
+        table.add_row(row["comparison"], row["a"], row["b"], str(row["n_methods"]), _number(row["tau"], digits=3))
+    return table
+
+
 def matrix_table(
     matrix: Sequence[Sequence[float | None]] | np.ndarray,
     rows: Sequence[str],

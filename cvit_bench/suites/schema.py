@@ -6,6 +6,7 @@ a broken suite in one pass instead of one error at a time.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -129,6 +130,7 @@ class Suite:
     training: TrainingConfig
     evaluation: EvaluationConfig
     model: dict[str, Any] = field(default_factory=dict)
+    orders: dict[str, tuple[str, ...]] = field(default_factory=dict)  # named permutations of the tasks (see suites/orders.py)
 
     @property
     def task_names(self) -> list[str]:
@@ -150,7 +152,9 @@ class RealSuite(Suite):
     not_computed: tuple[NotComputed, ...] = ()
 
 
-_TOP_KEYS = {"name", "description", "data", "model", "instruction_setting", "training", "evaluation", "tasks", "unseen", "not_computed"}
+_TOP_KEYS = {"name", "description", "data", "model", "instruction_setting", "training", "evaluation", "tasks", "unseen", "not_computed", "orders"}
+ORDER_NAME = re.compile(r"[a-z0-9_-]+")
+DEFAULT_ORDER = "default"  # the listed order's name in leaderboards; a suite may declare it only as the listed order
 _TASK_KEYS = {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data", "obtain"}
 _NOT_COMPUTED_KEYS = {"name", "reason"}
 _TEMPLATE_KEYS = {"task_type", "train", "heldout"}
@@ -323,6 +327,39 @@ def _load_not_computed(where: str, raw: Any, problems: list[str]) -> tuple[NotCo
     return tuple(entries)
 
 
+def _load_orders(where: str, raw: Any, task_names: list[str], problems: list[str]) -> dict[str, tuple[str, ...]]:
+    """Named permutations of the training tasks: each must list every task exactly once."""
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping of order names to lists of the training tasks")
+        return {}
+    orders = {}
+    for name, tasks in raw.items():
+        field_name = f"{where}.{name}"
+        if not isinstance(name, str) or not ORDER_NAME.fullmatch(name):
+            problems.append(f"{field_name}: an order name may use only a-z, 0-9, '_' and '-'")
+            continue
+        if not isinstance(tasks, list) or not all(isinstance(task, str) for task in tasks):
+            problems.append(f"{field_name}: expected a list of task names")
+            continue
+        mismatch = permutation_problems(tasks, task_names)
+        if mismatch:
+            problems.append(f"{field_name}: must list every training task exactly once ({mismatch})")
+        elif name == DEFAULT_ORDER and tasks != task_names:
+            problems.append(f"{field_name}: {DEFAULT_ORDER!r} names the tasks' listed order ({', '.join(task_names)}); choose another name")
+        else:
+            orders[name] = tuple(tasks)
+    return orders
+
+
+def permutation_problems(given: list[str], task_names: list[str]) -> str:
+    """What keeps ``given`` from being a permutation of ``task_names`` ('' when it is one)."""
+    missing = [name for name in task_names if name not in given]
+    unknown = sorted({name for name in given if name not in task_names})
+    repeated = sorted({name for name in given if given.count(name) > 1})
+    parts = [f"{label}: {', '.join(names)}" for label, names in (("missing", missing), ("unknown", unknown), ("repeated", repeated)) if names]
+    return "; ".join(parts)
+
+
 def resolve_suite_path(name_or_path: str) -> Path:
     """A registered suite name (``cvit-v1``) or a path to a YAML file."""
     candidate = Path(name_or_path)
@@ -381,6 +418,9 @@ def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
     names = [t.name for t in tasks + unseen if t is not None]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{where}: task name {duplicate!r} is used twice")
+    # Names of tasks that failed to load count too, so a broken task is not also reported as missing from every order.
+    listed = [entry["name"] for entry in tasks_raw if isinstance(entry, dict) and isinstance(entry.get("name"), str)]
+    orders = _load_orders(f"{where}: orders", data["orders"], listed, problems) if "orders" in data else {}
     model = data.get("model") or {}
     if not isinstance(model, dict):
         problems.append(f"{where}: model: expected a mapping")
@@ -398,6 +438,7 @@ def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
         training=_dataclass_from(TrainingConfig, f"{where}: training", data.get("training"), problems),
         evaluation=_dataclass_from(EvaluationConfig, f"{where}: evaluation", data.get("evaluation"), problems),
         model=model,
+        orders=orders,
     )
     if common["evaluation"].side_sets not in SIDE_SET_SCHEDULES:
         problems.append(f"{where}: evaluation.side_sets: expected one of {SIDE_SET_SCHEDULES}, got {common['evaluation'].side_sets!r}")
