@@ -116,6 +116,7 @@ def run(
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (less memory, ~30% slower)"),
     module_pattern: list[str] = typer.Option([], help="override an adapted-module regex KEY=REGEX, KEY in llm_linears, llm_ffn, projector, vision"),
     order: Optional[str] = typer.Option(None, help="train the tasks in this order: a name from the suite's `orders:` or a comma-separated permutation of its tasks (default: as listed)"),
+    only: Optional[str] = typer.Option(None, help="single-task reference runs: train this task alone from the base (comma-separated tasks or `all`: one run each; directory seed<N>-only-<task>)"),
     run_id: Optional[str] = typer.Option(None, help="run directory name (default seed<N>, seed<N>-order-<name> with --order)"),
     resume: Optional[Path] = typer.Option(None, help="continue the run in this directory with the options it was started with"),
     fresh: bool = typer.Option(False, help="discard the run directory's checkpoint and results and start over"),
@@ -144,7 +145,8 @@ def run(
             methods, seed_list = _sweep_axes(method, seeds, seed)
             loaded = load_suite(suite)
             task_order = resolve_order(loaded, order)
-            if len(methods) * len(seed_list) > 1:
+            only_tasks = _only_tasks(loaded, only)
+            if len(methods) * len(seed_list) * len(only_tasks or [None]) > 1:
                 if run_id is not None:
                     raise ConfigError("run: --run-id names one run; a sweep writes seed<N> directories")
                 extra = [arg for item in option for arg in ("--option", item)]
@@ -155,12 +157,12 @@ def run(
                           *[arg for item in module_pattern for arg in ("--module-pattern", item)],
                           *(["--data-root", str(data_root)] if data_root else []), *(["--fresh"] if fresh else []),
                           *(["--keep-checkpoint"] if keep_checkpoint else [])]
-                _sweep(loaded, suite, methods, seed_list, results_dir, jobs, threads, extra, task_order)
+                _sweep(loaded, suite, methods, seed_list, results_dir, jobs, threads, extra, task_order, only_tasks)
                 return
             options = RunOptions(loaded, methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
                                  steps_per_task, run_id, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                                  max_steps=max_steps, module_patterns=parse_module_patterns(module_pattern), epochs_per_task=epochs_per_task,
-                                 order=task_order)
+                                 order=task_order, only=only_tasks[0] if only_tasks else None)
         if threads:
             options = dataclasses.replace(options, threads=threads)
         if not current_processes().is_main:  # under accelerate launch only the main process reports and writes
@@ -175,6 +177,18 @@ def run(
     result = read_json(run_dir / "results.json")
     console.print(run_summary_table(result))
     console.print(f"results: {run_dir / 'results.json'}  ({result['timings']['total_s']:.0f} s)")
+
+
+def _only_tasks(loaded, only: str | None) -> list[str] | None:
+    """The training tasks of ``--only`` (each checked against the suite), or None without it."""
+    from cvit_bench.suites.orders import single_task
+
+    if only is None:
+        return None
+    tasks = loaded.task_names if only == "all" else [name.strip() for name in only.split(",") if name.strip()]
+    for task in tasks:
+        single_task(loaded, task)
+    return tasks or None
 
 
 def _sweep_axes(method: str, seeds: str | None, seed: int) -> tuple[list[str], list[int]]:
@@ -196,7 +210,7 @@ def _parse_seeds(seeds: str) -> list[int]:
 
 
 def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results_dir: Path, jobs: int, threads: int | None, extra: list[str],
-           order: TaskOrder | None) -> None:
+           order: TaskOrder | None, only: list[str] | None = None) -> None:
     """Every (method, seed) as a child `cvit-bench run`; failures are listed with their logs and make the exit code 1."""
     from cvit_bench.models.base_checkpoint import prepare_base
     from cvit_bench.suites.materialize import materialize
@@ -211,7 +225,7 @@ def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results
             if "--model" not in extra:
                 prepare_base(loaded, report=reporter.step)
     threads = threads or default_threads(jobs)
-    runs = plan_sweep(suite_ref, loaded.name, methods, seeds, results_dir, threads, extra, order)
+    runs = plan_sweep(suite_ref, loaded.name, methods, seeds, results_dir, threads, extra, order, only)
     in_order = f", order {order.name}" if order else ""
     console.print(f"sweep: {len(runs)} runs of {loaded.name}{in_order} ({len(methods)} methods x seeds {seeds}), {jobs} at a time, {threads} threads each")
 
@@ -330,7 +344,10 @@ def report(
         all_results = find_results(results_dir)
         groups = leaderboard_groups(all_results)
         for name, path in sorted(written.items()):
-            results = groups[name]
+            results = groups.get(name)
+            if results is None:  # a per-task or single-task reference table
+                console.print(f"wrote {path}")
+                continue
             print_table(leaderboard_table(build_leaderboard(results), title=f"Leaderboard: {name}"))
             console.print(f"wrote {path}")
             if heatmaps:

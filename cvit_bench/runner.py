@@ -42,7 +42,7 @@ from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.paths import config_differences, config_hash
 from cvit_bench.registry import ConfigError
 from cvit_bench.suites.materialize import SuiteData, materialize, resolve_data_root
-from cvit_bench.suites.orders import TaskOrder, default_run_id, in_order, resolve_order
+from cvit_bench.suites.orders import TaskOrder, default_run_id, in_order, resolve_order, single_task
 from cvit_bench.suites.schema import REPO_ROOT, EvaluationConfig, RealSuite, Suite, SuiteError, resolve_suite_path
 from cvit_bench.training.loop import NonFiniteLossError, train_stage
 
@@ -69,13 +69,16 @@ class RunOptions:
     module_patterns: dict[str, str] = field(default_factory=dict)  # ModuleMap overrides, KEY -> regex
     epochs_per_task: float | None = None  # each stage trains ceil(E x its samples / batch size) steps instead of steps_per_task
     order: TaskOrder | None = None  # None: the suite's listed order
+    only: str | None = None  # a single-task reference run: this training task alone, no unseen tasks
 
     def __post_init__(self) -> None:
         self.suite = in_order(self.suite, self.order)  # the suite as trained: everything downstream reads its tasks in this order
+        if self.only is not None:
+            self.suite = single_task(self.suite, self.only)
 
     @property
     def run_dir(self) -> Path:
-        return self.results_dir / self.suite.name / self.method / (self.run_id or default_run_id(self.seed, self.order and self.order.name))
+        return self.results_dir / self.suite.name / self.method / (self.run_id or default_run_id(self.seed, self.order and self.order.name, self.only))
 
     def request(self) -> dict[str, Any]:
         """The options as JSON; a shipped suite is named rather than located, so a run directory can move between clones."""
@@ -84,7 +87,7 @@ class RunOptions:
             "suite": self.suite.name if shipped else str(Path(self.suite.path).resolve()), "method": self.method,
             "seed": self.seed, "model": self.model, "data_root": None if self.data_root is None else str(Path(self.data_root).resolve()),
             "method_overrides": self.method_overrides, "steps_per_task": self.steps_per_task, "threads": self.threads,
-            **self._backend_options(), **({"order": self.order.spec} if self.order else {}),
+            **self._backend_options(), **({"order": self.order.spec} if self.order else {}), **({"only": self.only} if self.only else {}),
         }
 
     def _backend_options(self) -> dict[str, Any]:
@@ -108,7 +111,7 @@ class RunOptions:
         request = read_json(request_path)
         suite = load_suite(request["suite"])
         options = cls(
-            suite=suite, method=request["method"], seed=request["seed"], order=resolve_order(suite, request.get("order")),
+            suite=suite, method=request["method"], seed=request["seed"], order=resolve_order(suite, request.get("order")), only=request.get("only"),
             results_dir=run_dir.parent.parent.parent, model=request["model"],
             data_root=None if request["data_root"] is None else Path(request["data_root"]),
             method_overrides=request["method_overrides"], steps_per_task=request["steps_per_task"], run_id=run_dir.name,

@@ -38,15 +38,18 @@ class SweepOutcome:
 
 
 def plan_sweep(suite_ref: str, suite_name: str, methods: list[str], seeds: list[int], results_dir: Path,
-               threads: int, extra_args: list[str], order: TaskOrder | None = None) -> list[SweepRun]:
-    """One child ``cvit-bench run`` per (method, seed), seed-major so that a partial sweep covers every method."""
+               threads: int, extra_args: list[str], order: TaskOrder | None = None, only: list[str] | None = None) -> list[SweepRun]:
+    """One child ``cvit-bench run`` per (method, seed) -- per (method, seed, task) for single-task reference runs --
+    seed-major so that a partial sweep covers every method."""
     order_args = ["--order", order.spec] if order else []
     return [
-        SweepRun(method, seed, results_dir / suite_name / method / default_run_id(seed, order and order.name), (
+        SweepRun(method, seed, results_dir / suite_name / method / default_run_id(seed, order and order.name, task), (
             sys.executable, "-m", "cvit_bench", "run", "--suite", suite_ref, "--method", method, "--seed", str(seed),
-            "--results-dir", str(results_dir), "--threads", str(threads), *order_args, *extra_args,
+            "--results-dir", str(results_dir), "--threads", str(threads), *order_args,
+            *(["--only", task] if task else []), *extra_args,
         ))
         for seed in seeds
+        for task in (only or [None])
         for method in methods
     ]
 

@@ -250,6 +250,7 @@ def ship(suite: Suite, built: Path, digest: str) -> Path:
     if shipped is None:
         raise SuiteError([f"{suite.path}: model.shipped: the suite names no shipped base"])
     tiny, pretrain = tiny_configs(suite)
+    shipped.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=shipped.parent, prefix=f".{shipped.name}-"))
     try:
         shutil.copytree(built, staging, dirs_exist_ok=True)

@@ -84,12 +84,43 @@ def write_leaderboard(df: pd.DataFrame, path: Path, float_format: str = "%.2f") 
 
 
 def rebuild_leaderboards(results_dir: Path, out_dir: Path) -> dict[str, Path]:
-    """Rewrite `out_dir/<name>.csv` from scratch for every leaderboard with complete results (see `leaderboard_groups`)."""
+    """Rewrite `out_dir/<name>.csv` from scratch for every leaderboard with complete results (see `leaderboard_groups`),
+    with each suite's per-task table `<name>-tasks.csv` where its tasks declare their chance, and `<suite>-reference.csv`
+    from its single-task reference runs."""
+    from cvit_bench.reporting.tasks import reference_table, tasks_table
+
     written = {}
-    for name, results in leaderboard_groups(find_results(results_dir)).items():
+    results = find_results(results_dir)
+    for name, group in leaderboard_groups(results).items():
         written[name] = Path(out_dir) / f"{name}.csv"
-        write_leaderboard(build_leaderboard(results), written[name])
+        write_leaderboard(build_leaderboard(group), written[name])
+        if all(task.get("chance") is not None for task in group[0]["run_info"]["config"]["suite"]["tasks"]):
+            written[f"{name}-tasks"] = Path(out_dir) / f"{name}-tasks.csv"
+            write_leaderboard(tasks_table(_by_method(group)), written[f"{name}-tasks"])
+    for suite, group in reference_groups(results).items():
+        written[f"{suite}-reference"] = Path(out_dir) / f"{suite}-reference.csv"
+        write_leaderboard(reference_table(group), written[f"{suite}-reference"])
     return written
+
+
+def _by_method(results: list[dict]) -> dict[str, list[dict]]:
+    runs = defaultdict(list)
+    for result in sorted(results, key=lambda r: r["run_info"]["seed"]):
+        runs[result["run_info"]["method"]].append(result)
+    return runs
+
+
+def _single_task(result: dict) -> str | None:
+    return (result["run_info"].get("request") or {}).get("only")
+
+
+def reference_groups(results: list[dict]) -> dict[str, list[dict]]:
+    """Single-task reference runs (`run --only TASK`) per suite."""
+    groups = defaultdict(list)
+    for result in results:
+        if _single_task(result) is not None:
+            groups[result["run_info"]["suite"]].append(result)
+    return dict(sorted(groups.items()))
 
 
 def leaderboard_groups(results: list[dict]) -> dict[str, list[dict]]:
@@ -97,9 +128,12 @@ def leaderboard_groups(results: list[dict]) -> dict[str, list[dict]]:
 
     A task order is part of a run's setup, so its runs get their own leaderboard; runs in the
     listed order keep the plain suite name, so suites run only in it have the leaderboards they had.
+    Single-task reference runs are not continual runs: they go to the reference table instead.
     """
     groups = defaultdict(list)
     for result in results:
+        if _single_task(result) is not None:
+            continue
         suite, order = result["run_info"]["suite"], run_order(result)
         groups[suite if order == DEFAULT_ORDER else f"{suite}-order-{order}"].append(result)
     return dict(sorted(groups.items()))

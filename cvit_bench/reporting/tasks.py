@@ -42,3 +42,25 @@ def task_rows(method: str, runs: list[dict]) -> list[dict]:
 def tasks_table(runs_by_method: dict[str, list[dict]]) -> pd.DataFrame:
     rows = [row for method in sorted(runs_by_method) for row in task_rows(method, runs_by_method[method])]
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+REFERENCE_COLUMNS = ("method", "task", "chance", "zero_shot_mean", "score_mean", "score_std", "top_reply_share", "n_items", "n_seeds")
+
+
+def reference_table(results: list[dict]) -> pd.DataFrame:
+    """DESIGN §4's single-task reference runs: each method on each task alone from the base, against the task's chance."""
+    by_cell: dict[tuple[str, str], list[dict]] = {}
+    for result in sorted(results, key=lambda r: r["run_info"]["seed"]):
+        by_cell.setdefault((result["run_info"]["method"], result["run_info"]["task_order"][0]), []).append(result)
+    rows = []
+    for (method, task), runs in sorted(by_cell.items()):
+        scores = np.array([run["matrices"]["seen"]["vu"][1][0] for run in runs], dtype=float)
+        shares = [run["top_reply_share"]["seen"][1][0] for run in runs if "top_reply_share" in run]
+        rows.append({
+            "method": method, "task": task, "chance": _declared_chance(runs[0]).get(task),
+            "zero_shot_mean": float(np.mean([run["matrices"]["seen"]["vu"][0][0] for run in runs])),
+            "score_mean": scores.mean(), "score_std": scores.std(ddof=1) if len(runs) > 1 else np.nan,
+            "top_reply_share": float(np.mean(shares)) if shares else np.nan,
+            "n_items": runs[0].get("n_items", {}).get("seen", {}).get(task), "n_seeds": len(runs),
+        })
+    return pd.DataFrame(rows, columns=list(REFERENCE_COLUMNS))

@@ -79,6 +79,18 @@ def in_order(suite: Suite, order: TaskOrder | None) -> Suite:
     return dataclasses.replace(suite, tasks=tuple(by_name[name] for name in order.tasks))
 
 
-def default_run_id(seed: int, order_name: str | None) -> str:
-    """``seed<N>``, or ``seed<N>-order-<name>`` for a non-default order, so runs of different orders never share a directory."""
+def default_run_id(seed: int, order_name: str | None, only: str | None = None) -> str:
+    """``seed<N>``, ``seed<N>-order-<name>`` for a non-default order, ``seed<N>-only-<task>`` for a single-task reference
+    run, so runs of different setups never share a directory."""
+    if only is not None:
+        return f"seed{seed}-only-{only}"
     return f"seed{seed}" if order_name is None or order_name == DEFAULT_ORDER else f"seed{seed}-order-{order_name}"
+
+
+def single_task(suite: Suite, task: str) -> Suite:
+    """The suite reduced to one training task and no unseen task: DESIGN §4's single-task reference run (the
+    plasticity ceiling a continual run is read against). Applying it twice changes nothing."""
+    chosen = tuple(t for t in suite.tasks if t.name == task)
+    if not chosen:
+        raise ConfigError(f"--only {task!r}: {unknown_name_message('training task', task, suite.task_names)}")
+    return dataclasses.replace(suite, tasks=chosen, unseen=(), orders={})
