@@ -111,7 +111,7 @@ def bench_method(suite: Suite, name: str, model_dir, train_chunks, eval_samples,
     """Step time, FLOPs per step, eval throughput and peak memory of one method (absolute figures)."""
     seed_everything(seed)
     model, processor = load_model(model_dir)
-    method = build_method(name, {})
+    method = build_method(name, {}, suite.method_defaults.get(name))
     model = method.wrap_model(model, suite.task_names)
     collator = Collator(processor)
     task = suite.tasks[0].name

@@ -99,7 +99,7 @@ def _parse_options(options: list[str]) -> dict:
 
 @app.command()
 def run(
-    suite: str = typer.Option("cvit-v1", help="suite name (see `cvit-bench ls`) or path to a suite YAML"),
+    suite: str = typer.Option("cvit-v2", help="suite name (see `cvit-bench ls`) or path to a suite YAML"),
     method: Optional[str] = typer.Option(None, help="method name (see `cvit-bench ls`), comma-separated names, or `all`"),
     seed: int = typer.Option(0, help="fixes data generation, initialisation and batch order"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (instead of --seed): one run per method and seed"),
@@ -362,7 +362,7 @@ def report(
 
 @app.command()
 def bench(
-    suite: str = typer.Option("cvit-v1", help="suite whose base model, first task and batch size are used"),
+    suite: str = typer.Option("cvit-v2", help="suite whose base model, first task and batch size are used"),
     method: list[str] = typer.Option([], help="methods to measure (repeatable; default: every registered method)"),
     steps: int = typer.Option(20, help="timed training steps per method (after the warm-up)"),
     warmup: int = typer.Option(3, help="untimed warm-up steps per method"),
@@ -404,7 +404,7 @@ def bench(
 
 @app.command()
 def check(
-    suite: str = typer.Option("cvit-v1-check", help="suite to re-run; its bands are read from checks/<suite>.yaml"),
+    suite: str = typer.Option("cvit-v2-check", help="suite to re-run; its bands are read from checks/<suite>.yaml"),
     method: list[str] = typer.Option([], help="methods to check (repeatable; default: all in the bands file); with --record, the methods to record"),
     record: bool = typer.Option(False, help="run the methods with --seeds and rewrite their bands instead of checking (other methods' bands are kept)"),
     seeds: str = typer.Option("0,1,2", help="seeds whose spread defines the bands (with --record; the first becomes the check seed)"),

@@ -15,6 +15,7 @@ import random
 import subprocess
 import time
 import typing
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fractions import Fraction
@@ -47,6 +48,7 @@ from cvit_bench.suites.schema import REPO_ROOT, EvaluationConfig, RealSuite, Sui
 from cvit_bench.training.loop import NonFiniteLossError, train_stage
 
 MATRIX_KINDS = ("vu", "if", "strict")
+TOP_REPLY = "top_reply"  # share of a cell's samples given its most frequent reply: a constant answer shows as ~1
 BACKEND_OPTIONS = ("dtype", "gradient_checkpointing", "max_steps", "module_patterns", "epochs_per_task")  # recorded only when not at their defaults
 REQUEST_FILE = "run_request.json"  # the options a run was started with, so `--resume RUN_DIR` needs nothing else
 
@@ -149,9 +151,11 @@ class EvalPlan:
         return EvalPlan(seen, self.unseen if side else [], self.heldout if side else [])
 
 
-def build_method(name: str, overrides: dict[str, Any]) -> Method:
-    """Instantiate a registered method; unknown options fail with the valid field names."""
+def build_method(name: str, overrides: dict[str, Any], suite_defaults: dict[str, Any] | None = None) -> Method:
+    """Instantiate a registered method: its config defaults, then the suite's ``method_defaults``, then ``overrides``;
+    unknown options fail with the valid field names."""
     cls = METHODS.get(name)
+    overrides = {**(suite_defaults or {}), **overrides}
     hints = typing.get_type_hints(cls.config_class)
     unknown = sorted(set(overrides) - set(hints))
     if unknown:
@@ -302,6 +306,8 @@ class Progress:
     @classmethod
     def from_json(cls, state: dict[str, Any], predictions: list[dict]) -> Progress:
         matrices = {g: {k: np.asarray(m, dtype=float) for k, m in kinds.items()} for g, kinds in state["matrices"].items()}
+        for kinds in matrices.values():  # checkpoints written before the share was recorded
+            kinds.setdefault(TOP_REPLY, np.full_like(kinds["vu"], np.nan))
         fields = {f.name for f in dataclasses.fields(cls)} - {"matrices", "predictions", "trained"}
         return cls(matrices=matrices, predictions=predictions, trained=set(state["trained"]), **{k: state[k] for k in fields})
 
@@ -309,6 +315,8 @@ class Progress:
 def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_hash: str, steps_per_task: int | None) -> dict[str, Any]:
     """Everything that determines a run's numbers except the seed: two runs with equal configs are seeds of one setup."""
     suite = _setup_only(json.loads(json.dumps(dataclasses.asdict(options.suite), default=str)))
+    if not suite["method_defaults"]:  # suites from before method defaults keep their config hash
+        del suite["method_defaults"]
     later = EvaluationConfig.ADDED_LATER
     suite["evaluation"] = {key: value for key, value in suite["evaluation"].items() if not (key in later and later[key] == value)}
     return to_jsonable({
@@ -383,7 +391,7 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
             raise ConfigError(f"{suite.path}: suite {suite.name!r} is real data; pass --model (the embedded tiny model is built for synthetic suites)")
         # The root is recorded, so a resume does not depend on the environment.
         options = dataclasses.replace(options, data_root=resolve_data_root(options.data_root))
-    method = build_method(options.method, options.method_overrides)
+    method = build_method(options.method, options.method_overrides, suite.method_defaults.get(options.method))
     run_dir = options.run_dir
     wall_start = time.perf_counter()
     if options.threads:
@@ -441,7 +449,8 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
 
     if checkpoint is None:
         n_rows = len(task_names) + 1
-        progress = Progress({g: {k: np.full((n_rows, len(sets)), np.nan) for k in MATRIX_KINDS} for g, sets in plan.groups().items()})
+        progress = Progress({g: {k: np.full((n_rows, len(sets)), np.nan) for k in (*MATRIX_KINDS, TOP_REPLY)}
+                             for g, sets in plan.groups().items()})
         progress.trained = trainable_names(model)
         progress.started = datetime.now(timezone.utc).isoformat()
     else:
@@ -464,6 +473,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
                     progress.matrices[group]["vu"][row, column] = set_scores.vu
                     progress.matrices[group]["if"][row, column] = set_scores.if_rate
                     progress.matrices[group]["strict"][row, column] = set_scores.strict
+                    progress.matrices[group][TOP_REPLY][row, column] = top_reply_share(set_scores.predictions)
                 progress.predictions.extend({"stage": stage, "group": group, **p} for p in set_scores.predictions)
                 if set_scores.extra or set_scores.skipped:
                     progress.corpus_scores.append({"stage": stage, "group": group, "set": columns[group][column],
@@ -520,7 +530,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
 
     if not processes.is_main:
         return run_dir
-    reported = {group: kinds for group, kinds in progress.matrices.items() if columns[group]}
+    reported = {group: {kind: kinds[kind] for kind in MATRIX_KINDS} for group, kinds in progress.matrices.items() if columns[group]}
     result = {
         "schema_version": 1,
         "run_info": {
@@ -554,6 +564,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
         },
         "matrices": reported,
         "metrics": all_metrics(reported),
+        "top_reply_share": {group: progress.matrices[group][TOP_REPLY] for group in reported},
         "corpus_scores": progress.corpus_scores,
         "stages": progress.stage_facts,
         "timings": {"total_s": earlier_sessions_s + time.perf_counter() - wall_start, "stages": progress.timings},
@@ -563,6 +574,12 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
     if not keep_checkpoint:
         remove_checkpoints(run_dir)
     return run_dir
+
+
+def top_reply_share(predictions: list[dict]) -> float:
+    """Share of the replies that equal the most frequent one."""
+    counts = Counter(p["prediction"] for p in predictions)
+    return max(counts.values()) / len(predictions) if predictions else float("nan")
 
 
 def trainable_names(model: nn.Module) -> set[str]:

@@ -131,6 +131,7 @@ class Suite:
     evaluation: EvaluationConfig
     model: dict[str, Any] = field(default_factory=dict)
     orders: dict[str, tuple[str, ...]] = field(default_factory=dict)  # named permutations of the tasks (see suites/orders.py)
+    method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> option defaults for this suite
 
     @property
     def task_names(self) -> list[str]:
@@ -152,7 +153,8 @@ class RealSuite(Suite):
     not_computed: tuple[NotComputed, ...] = ()
 
 
-_TOP_KEYS = {"name", "description", "data", "model", "instruction_setting", "training", "evaluation", "tasks", "unseen", "not_computed", "orders"}
+_TOP_KEYS = {"name", "description", "data", "model", "instruction_setting", "training", "evaluation", "tasks", "unseen", "not_computed", "orders",
+             "method_defaults"}
 ORDER_NAME = re.compile(r"[a-z0-9_-]+")
 DEFAULT_ORDER = "default"  # the listed order's name in leaderboards; a suite may declare it only as the listed order
 _TASK_KEYS = {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data", "obtain"}
@@ -360,6 +362,25 @@ def permutation_problems(given: list[str], task_names: list[str]) -> str:
     return "; ".join(parts)
 
 
+def _load_method_defaults(where: str, raw: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-method option defaults of a suite (a tiny model wants other learning rates than a 7B one); the options
+    themselves are typed against each method's config when the method is built, before anything runs."""
+    from cvit_bench.methods import METHODS
+
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping of method names to option mappings")
+        return {}
+    defaults = {}
+    for method, options in raw.items():
+        if method not in METHODS.names():
+            problems.append(f"{where}.{method}: {unknown_name_message('method', str(method), list(METHODS.names()))}")
+        elif not isinstance(options, dict):
+            problems.append(f"{where}.{method}: expected a mapping of option names to values")
+        else:
+            defaults[method] = dict(options)
+    return defaults
+
+
 def resolve_suite_path(name_or_path: str) -> Path:
     """A registered suite name (``cvit-v1``) or a path to a YAML file."""
     candidate = Path(name_or_path)
@@ -439,6 +460,7 @@ def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
         evaluation=_dataclass_from(EvaluationConfig, f"{where}: evaluation", data.get("evaluation"), problems),
         model=model,
         orders=orders,
+        method_defaults=_load_method_defaults(f"{where}: method_defaults", data.get("method_defaults") or {}, problems),
     )
     if common["evaluation"].side_sets not in SIDE_SET_SCHEDULES:
         problems.append(f"{where}: evaluation.side_sets: expected one of {SIDE_SET_SCHEDULES}, got {common['evaluation'].side_sets!r}")
