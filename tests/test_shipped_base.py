@@ -116,3 +116,31 @@ def test_the_evaluation_schedule_skips_only_cells_no_metric_reads():
     assert names((4,), lean)["unseen"] == ["u1", "u2"]
     assert names((1, 2, 3, 4), lean)["heldout"] == ["h1", "h2", "h3", "h4"]  # joint's one evaluation fills every row
     assert names((1,), EvaluationConfig()) == names((0,), lean)  # the default evaluates everything after every stage
+
+
+def test_only_and_method_defaults_refuse_unknown_names(tmp_path):
+    from typer.testing import CliRunner
+
+    from cvit_bench.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--suite", "cvit-v2-check", "--method", "seqlora", "--only", "ocrr",
+                                      "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "did you mean 'ocr'" in " ".join(result.output.split())
+    assert not list(tmp_path.iterdir())
+    raw = yaml.safe_load((SUITES_DIR / "cvit-v2-check.yaml").read_text())
+    raw["method_defaults"] = {"seqlorra": {"lr": 0.1}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SuiteError, match=r"method_defaults\.seqlorra: unknown method"):
+        load_suite(str(path))
+
+
+def test_a_single_task_run_trains_one_task_and_suite_defaults_reach_the_method():
+    from cvit_bench.runner import RunOptions, build_method
+
+    suite = load_suite("cvit-v2-check")
+    options = RunOptions(suite, "seqlora", 0, Path("results"), only="ocr")
+    assert options.suite.task_names == ["ocr"] and options.suite.unseen == ()
+    assert options.run_dir.name == "seed0-only-ocr" and options.request()["only"] == "ocr"
+    assert build_method("seqlora", {}, suite.method_defaults["seqlora"]).config.lr == 0.006
+    assert build_method("seqlora", {"lr": 0.001}, suite.method_defaults["seqlora"]).config.lr == 0.001  # --option wins
