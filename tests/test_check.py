@@ -73,14 +73,14 @@ def test_bad_bands_file_names_file_and_field(tmp_path, text, message):
 
 
 def test_committed_bands_cover_the_checked_methods():
-    bands = load_bands(bands_path("cvit-v1-check"))
-    assert bands.suite == "cvit-v1-check" and bands.check_seeds == (0,)
+    bands = load_bands(bands_path("cvit-v2-check"))
+    assert bands.suite == "cvit-v2-check" and bands.check_seeds == (0,)
     assert {"seqlora", "replay", "branchlora"} <= set(bands.bands)
     assert all("final_loss" in per and "IF-AP" in per for per in bands.bands.values())
 
 
 def test_check_passes_on_main_and_fails_on_a_broken_method(monkeypatch, tmp_path):
-    passed = runner.invoke(app, ["check", "--suite", "cvit-v1-check", "--method", "seqlora", "--results-dir", str(tmp_path / "ok")])
+    passed = runner.invoke(app, ["check", "--suite", "cvit-v2-check", "--method", "seqlora", "--results-dir", str(tmp_path / "ok")])
     assert passed.exit_code == 0, passed.output
     assert "within their bands" in passed.output
 
@@ -90,7 +90,7 @@ def test_check_passes_on_main_and_fails_on_a_broken_method(monkeypatch, tmp_path
                 parameter.grad.zero_()
 
     monkeypatch.setattr(SequentialLora, "after_backward", drop_gradients)
-    failed = runner.invoke(app, ["check", "--suite", "cvit-v1-check", "--method", "seqlora", "--results-dir", str(tmp_path / "broken")])
+    failed = runner.invoke(app, ["check", "--suite", "cvit-v2-check", "--method", "seqlora", "--results-dir", str(tmp_path / "broken")])
     assert failed.exit_code == 1, failed.output
     output = " ".join(failed.output.split())
     assert "outside their bands" in output and "final_loss" in output
@@ -114,8 +114,8 @@ def test_sweep_runs_every_method_and_seed_and_reports_failures(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["check", "--suite", "cvit-v1-check", "--record", "--method", "seqlora", "--seeds", "0"], "pass at least two seeds"),
-        (["check", "--suite", "cvit-v1-check", "--method", "lwf"], "no bands for ['lwf']"),
+        (["check", "--suite", "cvit-v2-check", "--record", "--method", "seqlora", "--seeds", "0"], "pass at least two seeds"),
+        (["check", "--suite", "cvit-v2-check", "--method", "lwf"], "no bands for ['lwf']"),
         (["run", "--suite", SMOKE, "--method", ",", "--seeds", "0,1"], "name at least one method"),
         (["run", "--suite", SMOKE, "--method", "seqlora", "--seeds", "0,x"], "expected comma-separated integers"),
     ],
