@@ -94,7 +94,8 @@ def rebuild_leaderboards(results_dir: Path, out_dir: Path) -> dict[str, Path]:
     for name, group in leaderboard_groups(results).items():
         written[name] = Path(out_dir) / f"{name}.csv"
         write_leaderboard(build_leaderboard(group), written[name])
-        if all(task.get("chance") is not None for task in group[0]["run_info"]["config"]["suite"]["tasks"]):
+        tasks = ((group[0]["run_info"].get("config") or {}).get("suite") or {}).get("tasks") or []
+        if tasks and all(task.get("chance") is not None for task in tasks):
             written[f"{name}-tasks"] = Path(out_dir) / f"{name}-tasks.csv"
             write_leaderboard(tasks_table(_by_method(group)), written[f"{name}-tasks"])
     for suite, group in reference_groups(results).items():
