@@ -179,6 +179,20 @@ def run(
     console.print(f"results: {run_dir / 'results.json'}  ({result['timings']['total_s']:.0f} s)")
 
 
+def resolution_line(board) -> str:
+    """What AP difference the leaderboard's seeds resolve (80 % power, two-sided 5 %), and how many method pairs it separates."""
+    from cvit_bench.reporting.power import minimum_detectable_difference, pooled_std, separated_pairs
+
+    n_seeds = int(board["n_seeds"].min()) if len(board) else 0
+    if n_seeds < 2:
+        return "resolution: fewer than two seeds per method, so no seed spread to test differences against"
+    difference = minimum_detectable_difference(pooled_std(board["AP_std"].tolist()), n_seeds)
+    means = dict(zip(board["method"], board["AP_mean"]))
+    pairs = len(means) * (len(means) - 1) // 2
+    return (f"resolution: with {n_seeds} seeds an AP difference of {difference:.1f} points is detected with 80 % power; "
+            f"{len(separated_pairs(means, difference))} of {pairs} method pairs differ by at least that much")
+
+
 def _only_tasks(loaded, only: str | None) -> list[str] | None:
     """The training tasks of ``--only`` (each checked against the suite), or None without it."""
     from cvit_bench.suites.orders import single_task
@@ -348,8 +362,10 @@ def report(
             if results is None:  # a per-task or single-task reference table
                 console.print(f"wrote {path}")
                 continue
-            print_table(leaderboard_table(build_leaderboard(results), title=f"Leaderboard: {name}"))
+            board = build_leaderboard(results)
+            print_table(leaderboard_table(board, title=f"Leaderboard: {name}"))
             console.print(f"wrote {path}")
+            console.print(resolution_line(board))
             if heatmaps:
                 for result in results:
                     plot_run_heatmaps(result, Path(result["results_path"]).parent)

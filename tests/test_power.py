@@ -33,3 +33,14 @@ def test_three_seeds_of_std_3_2_detect_9_7_points():
 def test_pooled_std_and_separated_pairs():
     assert pooled_std([3.0, 4.0, float("nan")]) == pytest.approx(math.sqrt(12.5))
     assert separated_pairs({"a": 10.0, "b": 14.0, "c": 25.0}, 5.0) == [("a", "c"), ("b", "c")]
+
+
+def test_report_states_the_resolution_of_a_leaderboard():
+    import pandas as pd
+
+    from cvit_bench.cli import resolution_line
+
+    board = pd.DataFrame({"method": ["a", "b", "c"], "AP_mean": [10.0, 12.0, 30.0], "AP_std": [3.2, 3.2, 3.2], "n_seeds": [3, 3, 3]})
+    assert resolution_line(board).startswith("resolution: with 3 seeds an AP difference of 9.7 points")
+    assert "2 of 3 method pairs" in resolution_line(board)
+    assert "fewer than two seeds" in resolution_line(board.assign(n_seeds=1))
