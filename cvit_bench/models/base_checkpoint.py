@@ -185,11 +185,10 @@ def _load_shipped(suite: Suite, directory: Path) -> tuple[Path, str]:
     return directory, digest
 
 
-def _build(suite: Suite, target: Path, report: Callable[[int, float, float], None] | None) -> None:
-    """Build the base into ``target`` (written under a temporary name, then renamed)."""
+def _build(suite: Suite, target: Path, digest: str, report: Callable[[int, float, float], None] | None) -> None:
+    """Build the base whose hash is ``digest`` into ``target`` (written under a temporary name, then renamed)."""
     tiny, pretrain = tiny_configs(suite)
     data = materialize_pretrain_corpus(suite, pretrain.size, pretrain.corpus)
-    digest = base_checkpoint_hash(suite, data)
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
@@ -221,7 +220,7 @@ def prepare_base(suite: Suite, report: Callable[[int, float, float], None] | Non
     if rebuild and target.exists():
         shutil.rmtree(target)
     if not (target / "config.json").is_file():
-        _build(suite, target, report)
+        _build(suite, target, digest, report)
     return target, digest
 
 
