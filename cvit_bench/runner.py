@@ -47,7 +47,7 @@ from cvit_bench.registry import ConfigError
 from cvit_bench.suites.materialize import SuiteData, materialize, resolve_data_root
 from cvit_bench.suites.orders import TaskOrder, default_run_id, in_order, resolve_order, single_task
 from cvit_bench.suites.schema import REPO_ROOT, EvaluationConfig, RealSuite, Suite, SuiteError, TaskSpec, TrainingConfig, resolve_suite_path
-from cvit_bench.training.loop import NonFiniteLossError, Precision, train_stage
+from cvit_bench.training.loop import NonFiniteLossError, Precision, fp32_trained_weights, precision_for, train_stage
 
 MATRIX_KINDS = ("vu", "if", "strict")
 TOP_REPLY = "top_reply"  # share of a cell's samples given its most frequent reply: a constant answer shows as ~1
@@ -475,7 +475,7 @@ def setup_line(options: RunOptions, method: Method, steps_per_task: int | None, 
     per_forward = training.batch_size / (processes.count * options.grad_accum)
     return (f"{options.method} on {options.suite.name}: {config or 'no options'}{source}; batch {training.batch_size} "
             f"({processes.count} process(es) x {options.grad_accum} accumulation x ~{per_forward:g} per forward), suite lr {training.lr}, "
-            f"{length}, dtype {options.dtype}, mixed precision {options.mixed_precision}")
+            f"{length}, dtype {options.dtype}, mixed precision {precision_for(parse_dtype(options.dtype), options.mixed_precision).mode}")
 
 
 def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteData, model_dir: Path, base_hash: str,
@@ -486,7 +486,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
     commit = recorded["git_commit"]
     seed_everything(options.seed)
     model, collator, plan, sharded = build_run_model(options, method, data, model_dir, processes)
-    precision = Precision(options.mixed_precision)
+    precision = precision_for(parse_dtype(options.dtype), options.mixed_precision)
     epochs = options.epochs()
     task_names = suite.task_names
     stage_plan = method.stage_plan(task_names, steps_per_task or 0)
@@ -649,7 +649,7 @@ def reevaluate_stage(run_dir: Path, stage: int, reporter: Reporter | None = None
     load_stage_weights(run_dir / ADAPTERS_DIR / f"stage{stage}", model, method)
     rows = plans[stage - 1].rows
     evaluated = plan.scheduled(rows, len(options.suite.task_names), options.suite.evaluation)
-    with Precision(options.mixed_precision).autocast(processes.device):
+    with precision_for(parse_dtype(options.dtype), options.mixed_precision).autocast(processes.device):
         scores, facts, _ = evaluate_all(model, method, collator, evaluated, options.suite.evaluation.batch_size, stage, reporter)
     finished = run_dir / "results.json"
     recorded = read_json(finished)["matrices"] if finished.is_file() else {}
@@ -674,6 +674,7 @@ def build_run_model(options: RunOptions, method: Method, data: SuiteData, model_
     base_model, processor = load_model(model_dir, dtype, options.module_patterns, options.gradient_checkpointing)
     base_weights = {id(p) for p in base_model.parameters()}
     model = method.wrap_model(base_model, options.suite.task_names).to(processes.device)
+    fp32_trained_weights(model)
     sharded = shard_frozen_weights(model, base_weights, processes) if processes.shard_frozen else 0
     collator = Collator(processor, device=processes.device, dtype=dtype)
     return model, collator, build_eval_plan(options.suite, data, collator, options.seed), sharded

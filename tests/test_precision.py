@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from cvit_bench.data.collate import Collator
@@ -20,24 +18,10 @@ from cvit_bench.models.backend import load_model
 from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.runner import RunOptions, build_method, run
 from cvit_bench.suites.materialize import materialize
-from cvit_bench.suites.schema import SUITES_DIR, load_suite
+from cvit_bench.suites.schema import load_suite
 from cvit_bench.training.loop import Precision, train_stage
 
 SMOKE = "cvit-v1-smoke"
-
-
-@pytest.fixture(scope="module")
-def short_suite(tmp_path_factory) -> tuple[Path, Path]:
-    """Two smoke tasks, four training samples, two test items, two steps a stage: seconds per method, every hook still runs."""
-    directory = tmp_path_factory.mktemp("short")
-    data = yaml.safe_load((SUITES_DIR / f"{SMOKE}.yaml").read_text())
-    data.update(name="short", training={"steps_per_task": 2, "batch_size": 2, "lr": 0.0003, "warmup_steps": 1}, evaluation={"batch_size": 4},
-                tasks=[{"name": n, "kind": n, "template": n, "scorer": s, "train_size": 4, "test_size": 2}
-                       for n, s in (("mcq", "option_letter"), ("vqa", "vqa_accuracy"))], unseen=[])
-    path = directory / "short.yaml"
-    path.write_text(yaml.safe_dump(data))
-    model_dir, _ = prepare_base(load_suite(SMOKE))
-    return path, model_dir
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

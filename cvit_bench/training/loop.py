@@ -87,6 +87,19 @@ class Precision:
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def precision_for(weights: torch.dtype, mixed_precision: str) -> Precision:
+    """The run's precision: fp16 weights always train under fp16 autocast with loss scaling (see :func:`fp32_trained_weights`)."""
+    return Precision("fp16" if weights == torch.float16 and mixed_precision == "no" else mixed_precision)
+
+
+def fp32_trained_weights(model: nn.Module) -> None:
+    """Trainable fp16 weights (a projector, a full fine-tune) become fp32 master weights, as every fp16 trainer keeps them:
+    AdamW's epsilon and small updates vanish in fp16 and the loss turns NaN within steps. Autocast computes in fp16."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype == torch.float16:
+            parameter.data = parameter.data.float()
+
+
 def micro_batches(chunk: list[Sample], grad_accum: int) -> list[list[Sample]]:
     """``chunk`` in ``grad_accum`` contiguous parts whose sizes differ by at most one (every part non-empty)."""
     if len(chunk) < grad_accum:
