@@ -115,7 +115,7 @@ def run(
     dtype: str = typer.Option("float32", help="model weights dtype: float32, bfloat16 or float16 (adapters stay float32, as peft keeps them)"),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", "--mixed_precision", help="autocast forwards in bf16 or fp16 over the loaded weights (accelerate's flag; default: what `accelerate launch --mixed_precision` set, else no)"),
     batch_size: Optional[int] = typer.Option(None, help="samples per optimizer step over all processes (default: the suite's training.batch_size)"),
-    grad_accum: Optional[int] = typer.Option(None, help="split every optimizer step into this many forwards per process, same batch (default: accelerate's --gradient_accumulation_steps, else 1)"),
+    grad_accum: int = typer.Option(1, min=1, help="split every optimizer step into this many forwards per process, same batch (default 1)"),
     save_adapters: bool = typer.Option(False, help="export each stage's trained weights to RUN_DIR/adapters/stage<K>/ (peft save_pretrained + safetensors); `cvit-bench eval RUN_DIR --stage K` re-evaluates them"),
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (less memory, ~30% slower)"),
     module_pattern: list[str] = typer.Option([], help="override an adapted-module regex KEY=REGEX, KEY in llm_linears, llm_ffn, projector, vision"),
@@ -130,7 +130,7 @@ def run(
 
     Re-running the same command into the same run directory continues after the last finished stage.
     """
-    from cvit_bench.distributed import current_processes, end_process_group, launch_gradient_accumulation, launch_mixed_precision
+    from cvit_bench.distributed import current_processes, end_process_group, launch_mixed_precision
     from cvit_bench.io import read_json
     from cvit_bench.models.backend import parse_dtype, parse_module_patterns
     from cvit_bench.reporting.tables import run_summary_table
@@ -161,7 +161,7 @@ def run(
                           *[arg for item in module_pattern for arg in ("--module-pattern", item)],
                           *(["--data-root", str(data_root)] if data_root else []), *(["--fresh"] if fresh else []),
                           *(["--keep-checkpoint"] if keep_checkpoint else []), *(["--save-adapters"] if save_adapters else []),
-                          *(["--batch-size", str(batch_size)] if batch_size else []), *(["--grad-accum", str(grad_accum)] if grad_accum else []),
+                          *(["--batch-size", str(batch_size)] if batch_size else []), *(["--grad-accum", str(grad_accum)] if grad_accum > 1 else []),
                           *(["--mixed-precision", mixed_precision] if mixed_precision else [])]
                 _sweep(loaded, suite, methods, seed_list, results_dir, jobs, threads, extra, task_order, only_tasks)
                 return
@@ -169,7 +169,7 @@ def run(
                                  steps_per_task, run_id, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                                  max_steps=max_steps, module_patterns=parse_module_patterns(module_pattern), epochs_per_task=epochs_per_task,
                                  order=task_order, only=only_tasks[0] if only_tasks else None, batch_size=batch_size,
-                                 grad_accum=grad_accum or launch_gradient_accumulation(), mixed_precision=mixed_precision or launch_mixed_precision(),
+                                 grad_accum=grad_accum, mixed_precision=mixed_precision or launch_mixed_precision(),
                                  save_adapters=save_adapters)
         if threads:
             options = dataclasses.replace(options, threads=threads)

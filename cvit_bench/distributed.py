@@ -127,15 +127,6 @@ def launch_mixed_precision() -> str:
     return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
 
 
-def launch_gradient_accumulation() -> int:
-    """The gradient accumulation steps ``accelerate launch --gradient_accumulation_steps`` asked for (1 when not launched so)."""
-    value = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={value!r}: expected a positive integer") from None
-
-
 def end_process_group() -> None:
     """After a finished run: leave together and tear the group down before exit (a process that exits while
     its peers still hold the group's connections can abort in gloo's teardown). Not called after an error,

@@ -52,9 +52,10 @@ from cvit_bench.training.loop import NonFiniteLossError, Precision, fp32_trained
 MATRIX_KINDS = ("vu", "if", "strict")
 TOP_REPLY = "top_reply"  # share of a cell's samples given its most frequent reply: a constant answer shows as ~1
 # Options recorded (in the request and the config) only when not at their defaults.
-BACKEND_OPTIONS = ("dtype", "gradient_checkpointing", "max_steps", "module_patterns", "epochs_per_task", "batch_size", "mixed_precision")
-# Recorded in the request only: they change how a run computes, not what (gradient accumulation sums the same batch).
-REQUEST_ONLY_OPTIONS = ("grad_accum", "save_adapters")
+BACKEND_OPTIONS = ("dtype", "gradient_checkpointing", "max_steps", "module_patterns", "epochs_per_task", "mixed_precision")
+# Recorded in the request only: how a run computes, not what (gradient accumulation sums the same batch), or already in the
+# config another way (a batch size enters it as the suite's training.batch_size).
+REQUEST_ONLY_OPTIONS = ("grad_accum", "save_adapters", "batch_size")
 REQUEST_FILE = "run_request.json"  # the options a run was started with, so `--resume RUN_DIR` needs nothing else
 
 
