@@ -6,6 +6,7 @@ a broken suite in one pass instead of one error at a time.
 """
 from __future__ import annotations
 
+import math
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -477,6 +478,9 @@ def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
         orders=orders,
         method_defaults=_load_method_defaults(f"{where}: method_defaults", data.get("method_defaults") or {}, problems),
     )
+    epochs = common["training"].epochs_per_task
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        problems.append(f"{where}: training.epochs_per_task: expected a positive number, got {epochs!r}")
     if common["evaluation"].side_sets not in SIDE_SET_SCHEDULES:
         problems.append(f"{where}: evaluation.side_sets: expected one of {SIDE_SET_SCHEDULES}, got {common['evaluation'].side_sets!r}")
     if source == "llava":
