@@ -473,6 +473,7 @@ def setup_line(options: RunOptions, method: Method, steps_per_task: int | None, 
     config = ", ".join(f"{key}={value}" for key, value in recorded_config(method.config).items())
     source = f" (suite defaults: {options.suite.method_defaults[options.method]})" if options.method in options.suite.method_defaults else ""
     length = f"{options.epochs()} epochs per task" if steps_per_task is None else f"{steps_per_task} steps per task"
+    length += f" (at most {options.max_steps} steps a stage)" if options.max_steps else ""
     per_forward = training.batch_size / (processes.count * options.grad_accum)
     return (f"{options.method} on {options.suite.name}: {config or 'no options'}{source}; batch {training.batch_size} "
             f"({processes.count} process(es) x {options.grad_accum} accumulation x ~{per_forward:g} per forward), suite lr {training.lr}, "

@@ -12,7 +12,9 @@ from cvit_bench.cli import app
 from cvit_bench.data.collate import Collator
 from cvit_bench.io import read_json
 from cvit_bench.models.backend import load_processor
-from cvit_bench.runner import RunOptions, build_eval_plan, reevaluate_stage, run
+from cvit_bench.checkpoint import load_checkpoint, load_stage_weights, model_tensors
+from cvit_bench.distributed import Processes
+from cvit_bench.runner import RunOptions, build_eval_plan, build_method, build_run_model, reevaluate_stage, run
 from cvit_bench.suites.materialize import materialize
 from cvit_bench.suites.schema import load_suite
 
@@ -25,14 +27,23 @@ def one_thread():
 
 
 @pytest.mark.parametrize("method", ["seqlora", "branchlora"])  # a peft adapter; mixture adapters, routers and selector state
-def test_exported_stage_weights_reevaluate_to_the_recorded_row(method, short_suite, tmp_path, one_thread):
+def test_exported_stage_weights_restore_the_stage_and_reevaluate_to_its_row(method, short_suite, tmp_path, one_thread):
     path, model_dir = short_suite
-    run_dir = run(RunOptions(load_suite(str(path)), method, 0, tmp_path, model=str(model_dir), threads=one_thread, save_adapters=True))
-    stages = sorted(p.name for p in (run_dir / "adapters").iterdir())
-    assert stages == ["stage1", "stage2"]
+    options = RunOptions(load_suite(str(path)), method, 0, tmp_path, model=str(model_dir), threads=one_thread, save_adapters=True)
+    run_dir = run(options, keep_checkpoint=True)  # the last checkpoint holds the final stage's tensors to compare with
+    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["stage1", "stage2"]
     if method == "seqlora":
-        config = json.loads((run_dir / "adapters" / "stage1" / "adapter_config.json").read_text())
-        assert config["peft_type"] == "LORA" and (run_dir / "adapters" / "stage1" / "adapter_model.safetensors").is_file()
+        config = json.loads((run_dir / "adapters" / "stage2" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and (run_dir / "adapters" / "stage2" / "adapter_model.safetensors").is_file()
+    rebuilt = build_method(method, {})
+    model, _, _, _ = build_run_model(options, rebuilt, materialize(options.suite, 0), model_dir, Processes())
+    load_stage_weights(run_dir / "adapters" / "stage2", model, rebuilt)
+    checkpoint = load_checkpoint(run_dir)
+    assert checkpoint.stage == 2
+    restored = model_tensors(model, set(checkpoint.model))
+    assert restored.keys() == checkpoint.model.keys() and all(torch.equal(restored[k], checkpoint.model[k]) for k in restored)
+    state = rebuilt.state_dict()
+    assert state.keys() == checkpoint.method.keys() and all(torch.equal(state[k], checkpoint.method[k]) for k in state)
     for stage in (1, 2):
         report = reevaluate_stage(run_dir, stage)
         assert report["sets"] and all(row["vu"] == row["recorded"]["vu"] and row["if"] == row["recorded"]["if"] for row in report["sets"])

@@ -61,6 +61,9 @@ def make_optimizer(model: nn.Module, method, config: TrainingConfig, steps: int)
     return optimizer, scheduler, trainable
 
 
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass(frozen=True)
 class Precision:
     """accelerate's ``--mixed_precision``: weights stay as loaded, forwards run under autocast in ``mode``'s dtype.
@@ -80,11 +83,9 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=MIXED_PRECISION[self.mode])
 
-    def scaler(self, device: torch.device) -> torch.amp.GradScaler:
-        return torch.amp.GradScaler(device.type, enabled=self.mode == "fp16")
-
-
-MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    def scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
+        """The loss scaler fp16 needs; None otherwise."""
+        return torch.amp.GradScaler(device.type) if self.mode == "fp16" else None
 
 
 def precision_for(weights: torch.dtype, mixed_precision: str) -> Precision:
@@ -173,7 +174,7 @@ def train_stage(
     """
     model.train()
     optimizer, scheduler, trainable = make_optimizer(model, method, config, steps)
-    scaler = precision.scaler(processes.device) if precision.mode == "fp16" else None
+    scaler = precision.scaler(processes.device)
     batches = method.training_batches(samples, config.batch_size, seed)
     window_loss = torch.zeros((), device=processes.device)
     last_loss, start, window_start = float("nan"), time.perf_counter(), time.perf_counter()
