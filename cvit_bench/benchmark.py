@@ -125,7 +125,7 @@ def bench_method(suite: Suite, name: str, model_dir, train_chunks, eval_samples,
 
             def train_on(steps: list) -> None:
                 for chunk, batch in steps:
-                    train_step(model, method, chunk, batch, optimizer, scheduler, trainable, suite.training.max_grad_norm)
+                    train_step(model, method, [(chunk, batch)], optimizer, scheduler, trainable, suite.training.max_grad_norm)
 
             train_on(warm)
             _synchronize()

@@ -41,6 +41,9 @@ from cvit_bench.registry import ConfigError
 
 POINTER = "checkpoint.json"
 _PREFIX = "checkpoint-stage"
+ADAPTERS_DIR = "adapters"  # --save-adapters: RUN_DIR/adapters/stage<K>/, kept after the run
+OTHER_TENSORS = "trained.safetensors"  # trained tensors outside a peft adapter (projector, mixtures, routers) and buffers
+METHOD_TENSORS = "method.safetensors"
 
 
 @dataclass
@@ -165,3 +168,55 @@ def remove_checkpoints(run_dir: Path) -> None:
     (run_dir / POINTER).unlink(missing_ok=True)
     if run_dir.is_dir():
         _remove_stale(run_dir, keep=None)
+
+
+def _peft_adapter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters a peft ``save_pretrained`` writes (its LoRA factors); empty for a model peft did not wrap."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return set()
+    return {name for name, _ in model.named_parameters() if ".lora_" in name}
+
+
+def export_stage_weights(directory: Path, model: nn.Module, trained: set[str], method_state: dict[str, torch.Tensor]) -> None:
+    """One stage's trained weights, to share or re-evaluate (``cvit-bench eval RUN_DIR --stage K``).
+
+    A peft-wrapped model's adapter goes through peft's ``save_pretrained`` (``adapter_config.json`` +
+    ``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained`` on the base); every other
+    trained tensor and every buffer into ``trained.safetensors``; the method's own state into
+    ``method.safetensors``. Written under a temporary name and renamed, so a folder is whole or absent.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    try:
+        adapter = _peft_adapter_names(model)
+        if adapter:
+            model.save_pretrained(staging)
+        save_file({name: t for name, t in model_tensors(model, trained).items() if name not in adapter}, staging / OTHER_TENSORS)
+        save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, staging / METHOD_TENSORS)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.chmod(staging, default_mode(directory=True))
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_stage_weights(directory: Path, model: nn.Module, method) -> None:
+    """Restore what :func:`export_stage_weights` wrote into a freshly wrapped model and its method."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    if not (directory / OTHER_TENSORS).is_file():
+        raise ConfigError(f"{directory}: no exported stage weights (was the run started with --save-adapters?)")
+    try:
+        if _peft_adapter_names(model):
+            result = set_peft_model_state_dict(model, load_peft_weights(str(directory), device="cpu"))
+            if result.unexpected_keys:
+                raise ConfigError(f"{directory}: adapter tensors {result.unexpected_keys[:3]} do not fit the model")
+        load_model_tensors(model, load_file(directory / OTHER_TENSORS), directory / OTHER_TENSORS)
+        method.load_state_dict(load_file(directory / METHOD_TENSORS))
+    except (OSError, SafetensorError) as error:
+        raise ConfigError(f"{directory}: unreadable stage weights ({error})") from error

@@ -1,4 +1,4 @@
-"""Command line: ``cvit-bench run | prepare | ls | validate | report | bench``."""
+"""Command line: ``cvit-bench run | eval | prepare | ls | validate | report | bench | check``."""
 from __future__ import annotations
 
 import dataclasses
@@ -112,7 +112,11 @@ def run(
     steps_per_task: Optional[int] = typer.Option(None, help="override the suite's training.steps_per_task"),
     max_steps: Optional[int] = typer.Option(None, min=1, help="cap on every stage's optimizer steps (a budget for real models)"),
     epochs_per_task: Optional[float] = typer.Option(None, help="train each stage ceil(E x its samples / batch size) steps (the papers: 1) instead of steps_per_task"),
-    dtype: str = typer.Option("float32", help="model weights dtype: float32, bfloat16 or float16"),
+    dtype: str = typer.Option("float32", help="model weights dtype: float32, bfloat16 or float16 (adapters stay float32, as peft keeps them)"),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", "--mixed_precision", help="autocast forwards in bf16 or fp16 over the loaded weights (accelerate's flag; default: what `accelerate launch --mixed_precision` set, else no)"),
+    batch_size: Optional[int] = typer.Option(None, help="samples per optimizer step over all processes (default: the suite's training.batch_size)"),
+    grad_accum: int = typer.Option(1, min=1, help="split every optimizer step into this many forwards per process, same batch (default 1)"),
+    save_adapters: bool = typer.Option(False, help="export each stage's trained weights to RUN_DIR/adapters/stage<K>/ (peft save_pretrained + safetensors); `cvit-bench eval RUN_DIR --stage K` re-evaluates them"),
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (less memory, ~30% slower)"),
     module_pattern: list[str] = typer.Option([], help="override an adapted-module regex KEY=REGEX, KEY in llm_linears, llm_ffn, projector, vision"),
     order: Optional[str] = typer.Option(None, help="train the tasks in this order: a name from the suite's `orders:` or a comma-separated permutation of its tasks (default: as listed)"),
@@ -126,7 +130,7 @@ def run(
 
     Re-running the same command into the same run directory continues after the last finished stage.
     """
-    from cvit_bench.distributed import current_processes, end_process_group
+    from cvit_bench.distributed import current_processes, end_process_group, launch_mixed_precision
     from cvit_bench.io import read_json
     from cvit_bench.models.backend import parse_dtype, parse_module_patterns
     from cvit_bench.reporting.tables import run_summary_table
@@ -156,13 +160,17 @@ def run(
                           *(["--gradient-checkpointing"] if gradient_checkpointing else []),
                           *[arg for item in module_pattern for arg in ("--module-pattern", item)],
                           *(["--data-root", str(data_root)] if data_root else []), *(["--fresh"] if fresh else []),
-                          *(["--keep-checkpoint"] if keep_checkpoint else [])]
+                          *(["--keep-checkpoint"] if keep_checkpoint else []), *(["--save-adapters"] if save_adapters else []),
+                          *(["--batch-size", str(batch_size)] if batch_size else []), *(["--grad-accum", str(grad_accum)] if grad_accum > 1 else []),
+                          *(["--mixed-precision", mixed_precision] if mixed_precision else [])]
                 _sweep(loaded, suite, methods, seed_list, results_dir, jobs, threads, extra, task_order, only_tasks)
                 return
             options = RunOptions(loaded, methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
                                  steps_per_task, run_id, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                                  max_steps=max_steps, module_patterns=parse_module_patterns(module_pattern), epochs_per_task=epochs_per_task,
-                                 order=task_order, only=only_tasks[0] if only_tasks else None)
+                                 order=task_order, only=only_tasks[0] if only_tasks else None, batch_size=batch_size,
+                                 grad_accum=grad_accum, mixed_precision=mixed_precision or launch_mixed_precision(),
+                                 save_adapters=save_adapters)
         if threads:
             options = dataclasses.replace(options, threads=threads)
         if not current_processes().is_main:  # under accelerate launch only the main process reports and writes
@@ -253,6 +261,28 @@ def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results
                  else "re-run the same command to retry them (finished runs are skipped, interrupted ones resume)")
         console.print(f"[bold red]{len(failed)} of {len(runs)} runs failed[/]; {retry}")
         raise typer.Exit(code=1)
+
+
+@app.command(name="eval")
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="a run directory started with --save-adapters"),
+    stage: int = typer.Option(..., help="the stage whose exported weights to evaluate (1 = after the first trained stage)"),
+) -> None:
+    """Evaluate one stage of a finished or interrupted run again from its exported weights; prints its row and writes RUN_DIR/eval-stage<K>.json."""
+    from cvit_bench.runner import reevaluate_stage
+
+    try:
+        with _progress() as progress:
+            report = reevaluate_stage(run_dir, stage, RichReporter(progress))
+    except (*USER_ERRORS, OSError) as error:
+        fail(error)
+    table = Table("group", "set", "VU", "IF", "strict", "recorded VU", title=f"{run_dir}: stage {stage} (rows {report['rows']})")
+    for row in report["sets"]:
+        recorded = row.get("recorded", {}).get("vu")
+        table.add_row(row["group"], row["set"], f"{row['vu']:.2f}", f"{row['if']:.2f}", f"{row['strict']:.2f}",
+                      "-" if recorded is None else f"{recorded:.2f}")
+    print_table(table)
+    console.print(f"wrote {Path(run_dir) / f'eval-stage{stage}.json'}")
 
 
 @app.command()

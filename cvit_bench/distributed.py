@@ -67,13 +67,6 @@ class Processes:
             torch.distributed.all_reduce(value)
         return value
 
-    def loss_weight(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """count x (this share's answer tokens / the global batch's): DDP's gradient average then equals the global token mean."""
-        if not self.distributed:
-            return None
-        tokens = (labels != -100).sum().to(torch.float32)
-        return tokens * self.count / self.sum(tokens)
-
     def average_gradients(self, parameters: list[nn.Parameter]) -> None:
         """Data-parallel step: replace each gradient by its mean over processes (one flat all-reduce).
 
@@ -127,6 +120,11 @@ def current_processes() -> Processes:
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True accelerate never forms a CPU (gloo) group
     device = state.device if state.device.type == "cuda" else torch.device("cpu")
     return Processes(state.process_index, state.num_processes, device, fsdp and state.num_processes > 1)
+
+
+def launch_mixed_precision() -> str:
+    """The mixed precision ``accelerate launch --mixed_precision`` (or its config file) asked for: no, bf16 or fp16."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
 
 
 def end_process_group() -> None:

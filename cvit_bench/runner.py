@@ -12,6 +12,7 @@ import json
 import math
 import platform
 import random
+import shutil
 import subprocess
 import time
 import typing
@@ -28,7 +29,8 @@ import torch
 from filelock import FileLock, Timeout
 from torch import nn
 
-from cvit_bench.checkpoint import Checkpoint, load_checkpoint, load_model_tensors, model_tensors, remove_checkpoints, restore_rng, save_checkpoint
+from cvit_bench.checkpoint import (ADAPTERS_DIR, Checkpoint, export_stage_weights, load_checkpoint, load_model_tensors, load_stage_weights,
+                                   model_tensors, remove_checkpoints, restore_rng, save_checkpoint)
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
 from cvit_bench.distributed import Processes, current_processes, shard_frozen_weights
@@ -36,7 +38,7 @@ from cvit_bench.evaluation.evaluate import EvalSet, score_set
 from cvit_bench.evaluation.generate import Lockstep, generate
 from cvit_bench.io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from cvit_bench.methods import METHODS, Method
-from cvit_bench.methods.base import StagePlan
+from cvit_bench.methods.base import StagePlan, recorded_config
 from cvit_bench.metrics import all_metrics
 from cvit_bench.models.backend import load_model, parse_dtype
 from cvit_bench.models.base_checkpoint import prepare_base
@@ -44,12 +46,16 @@ from cvit_bench.paths import config_differences, config_hash
 from cvit_bench.registry import ConfigError
 from cvit_bench.suites.materialize import SuiteData, materialize, resolve_data_root
 from cvit_bench.suites.orders import TaskOrder, default_run_id, in_order, resolve_order, single_task
-from cvit_bench.suites.schema import REPO_ROOT, EvaluationConfig, RealSuite, Suite, SuiteError, resolve_suite_path
-from cvit_bench.training.loop import NonFiniteLossError, train_stage
+from cvit_bench.suites.schema import REPO_ROOT, EvaluationConfig, RealSuite, Suite, SuiteError, TaskSpec, TrainingConfig, resolve_suite_path
+from cvit_bench.training.loop import NonFiniteLossError, Precision, fp32_trained_weights, precision_for, train_stage
 
 MATRIX_KINDS = ("vu", "if", "strict")
 TOP_REPLY = "top_reply"  # share of a cell's samples given its most frequent reply: a constant answer shows as ~1
-BACKEND_OPTIONS = ("dtype", "gradient_checkpointing", "max_steps", "module_patterns", "epochs_per_task")  # recorded only when not at their defaults
+# Options recorded (in the request and the config) only when not at their defaults.
+BACKEND_OPTIONS = ("dtype", "gradient_checkpointing", "max_steps", "module_patterns", "epochs_per_task", "mixed_precision")
+# Recorded in the request only: how a run computes, not what (gradient accumulation sums the same batch), or already in the
+# config another way (a batch size enters it as the suite's training.batch_size).
+REQUEST_ONLY_OPTIONS = ("grad_accum", "save_adapters", "batch_size")
 REQUEST_FILE = "run_request.json"  # the options a run was started with, so `--resume RUN_DIR` needs nothing else
 
 
@@ -72,11 +78,21 @@ class RunOptions:
     epochs_per_task: float | None = None  # each stage trains ceil(E x its samples / batch size) steps instead of steps_per_task
     order: TaskOrder | None = None  # None: the suite's listed order
     only: str | None = None  # a single-task reference run: this training task alone, no unseen tasks
+    batch_size: int | None = None  # the batch of one optimizer step (all processes); None: the suite's training.batch_size
+    grad_accum: int = 1  # forwards per optimizer step on each process (memory, not maths: the step's batch stays batch_size)
+    mixed_precision: str = "no"  # accelerate's --mixed_precision: no, bf16 or fp16 autocast over the loaded weights
+    save_adapters: bool = False  # export each stage's trained weights under RUN_DIR/adapters/stage<K>/
 
     def __post_init__(self) -> None:
         self.suite = in_order(self.suite, self.order)  # the suite as trained: everything downstream reads its tasks in this order
         if self.only is not None:
             self.suite = single_task(self.suite, self.only)
+        if self.batch_size is not None:
+            if self.batch_size < 1:
+                raise ConfigError(f"--batch-size must be a positive integer, got {self.batch_size}")
+            self.suite = dataclasses.replace(self.suite, training=dataclasses.replace(self.suite.training, batch_size=self.batch_size))
+        if self.grad_accum < 1:
+            raise ConfigError(f"--grad-accum must be a positive integer, got {self.grad_accum}")
 
     @property
     def run_dir(self) -> Path:
@@ -89,17 +105,24 @@ class RunOptions:
             "suite": self.suite.name if shipped else str(Path(self.suite.path).resolve()), "method": self.method,
             "seed": self.seed, "model": self.model, "data_root": None if self.data_root is None else str(Path(self.data_root).resolve()),
             "method_overrides": self.method_overrides, "steps_per_task": self.steps_per_task, "threads": self.threads,
-            **self._backend_options(), **({"order": self.order.spec} if self.order else {}), **({"only": self.only} if self.only else {}),
+            **self._backend_options(BACKEND_OPTIONS + REQUEST_ONLY_OPTIONS), **({"order": self.order.spec} if self.order else {}),
+            **({"only": self.only} if self.only else {}),
         }
 
-    def _backend_options(self) -> dict[str, Any]:
-        """Model-backend options that differ from the defaults.
+    def _backend_options(self, keys: tuple[str, ...] = BACKEND_OPTIONS) -> dict[str, Any]:
+        """Options among ``keys`` that differ from the defaults.
 
         They were added after the first published results; leaving defaults out keeps those
         results' configurations (and hashes) comparable with new runs.
         """
         defaults = RunOptions(self.suite, self.method)
-        return {key: getattr(self, key) for key in BACKEND_OPTIONS if getattr(self, key) != getattr(defaults, key)}
+        return {key: getattr(self, key) for key in keys if getattr(self, key) != getattr(defaults, key)}
+
+    def epochs(self) -> float | None:
+        """Epochs per stage: ``--epochs-per-task``, else the suite's ``training.epochs_per_task`` unless ``--steps-per-task`` is given."""
+        if self.epochs_per_task is not None:
+            return self.epochs_per_task
+        return self.suite.training.epochs_per_task if self.steps_per_task is None else None
 
     @classmethod
     def from_run_dir(cls, run_dir: Path) -> RunOptions:
@@ -117,7 +140,7 @@ class RunOptions:
             results_dir=run_dir.parent.parent.parent, model=request["model"],
             data_root=None if request["data_root"] is None else Path(request["data_root"]),
             method_overrides=request["method_overrides"], steps_per_task=request["steps_per_task"], run_id=run_dir.name,
-            threads=request.get("threads"), **{key: request[key] for key in BACKEND_OPTIONS if key in request},
+            threads=request.get("threads"), **{key: request[key] for key in BACKEND_OPTIONS + REQUEST_ONLY_OPTIONS if key in request},
         )
         if options.run_dir.resolve() != run_dir.resolve():
             raise ConfigError(f"{request_path}: describes a run of {options.suite.name}/{options.method}, which belongs in {options.run_dir}")
@@ -194,7 +217,7 @@ def build_eval_plan(suite: Suite, data: SuiteData, collator: Collator, seed: int
         records = data.records(task.name, "test")
         pool = data.records(task.name, "train") if shots else None
         samples = phrase_all(records, task.name, phrasings, shots=shots, shot_pool=pool, seed=seed)
-        return EvalSet(name, task.name, task.scorer, samples, collator.target_length(samples) + margin)
+        return EvalSet(name, task.name, task.scorer, samples, task.max_new_tokens or collator.target_length(samples) + margin)
 
     setting = suite.instruction_setting
     seen = [make(t.name, t, t.template.training_phrasings(setting)) for t in suite.tasks]
@@ -277,7 +300,7 @@ def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batc
                 observed = []
             records.extend(record for part in processes.gather([observed]) for record in part)
             if processes.is_main:
-                results[group].append(score_set(eval_set, replies))
+                results[group].append(score_set(eval_set, replies, [collator.prompt_text(sample) for sample in eval_set.samples]))
     if not processes.is_main:
         return None, {}, generated
     return results, method.evaluation_facts(records), generated
@@ -317,18 +340,25 @@ def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_h
     suite = _setup_only(json.loads(json.dumps(dataclasses.asdict(options.suite), default=str)))
     if not suite["method_defaults"]:  # suites from before method defaults keep their config hash
         del suite["method_defaults"]
-    later = EvaluationConfig.ADDED_LATER
-    suite["evaluation"] = {key: value for key, value in suite["evaluation"].items() if not (key in later and later[key] == value)}
+    suite["training"] = _without_later_defaults(suite["training"], TrainingConfig.ADDED_LATER)
+    suite["evaluation"] = _without_later_defaults(suite["evaluation"], EvaluationConfig.ADDED_LATER)
+    for group in ("tasks", "unseen"):
+        suite[group] = [_without_later_defaults(task, TaskSpec.ADDED_LATER) for task in suite[group]]
     return to_jsonable({
         "suite": suite,
         "method": options.method,
-        "method_config": dataclasses.asdict(method.config),
+        "method_config": recorded_config(method.config),
         "steps_per_task": steps_per_task,
         "model": options.model,
         "base_checkpoint_hash": base_hash,
         "data_recipe_hash": data.recipe_hash,
         **options._backend_options(),
     })
+
+
+def _without_later_defaults(section: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``section`` without the fields added after results were published that are at their defaults (those results keep their hash)."""
+    return {key: value for key, value in section.items() if not (key in later and later[key] == value)}
 
 
 def _setup_only(value: Any) -> Any:
@@ -357,10 +387,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def clear_run(run_dir: Path) -> None:
-    """Forget a run directory's results and checkpoints (``--fresh``); other files are left alone."""
+    """Forget a run directory's results, checkpoints and exported stage weights (``--fresh``); other files are left alone."""
     remove_checkpoints(run_dir)
     for name in ("results.json", "predictions.jsonl", REQUEST_FILE):
         (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / ADAPTERS_DIR, ignore_errors=True)
 
 
 def _check_same_setup(run_dir: Path, what: str, saved: dict[str, Any], config: dict[str, Any], seed: int) -> None:
@@ -384,14 +415,19 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
     processes = current_processes()
     reporter = reporter or Reporter()
     suite = options.suite
-    if options.epochs_per_task is not None and not (math.isfinite(options.epochs_per_task) and options.epochs_per_task > 0):
-        raise ConfigError(f"epochs_per_task must be a positive number, got {options.epochs_per_task}")
+    epochs = options.epochs()
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise ConfigError(f"epochs_per_task must be a positive number, got {epochs}")
+    Precision(options.mixed_precision)  # a bad mode fails before anything loads
+    method = build_method(options.method, options.method_overrides, suite.method_defaults.get(options.method))
     if isinstance(suite, RealSuite):
         if options.model is None:
             raise ConfigError(f"{suite.path}: suite {suite.name!r} is real data; pass --model (the embedded tiny model is built for synthetic suites)")
+        if method.trains() and options.method not in suite.method_defaults:
+            raise ConfigError(f"{suite.path}: method_defaults.{options.method}: missing; a real suite carries its paper's recipe for every "
+                              f"method it runs ({options.method}'s own defaults are sized for the embedded tiny model)")
         # The root is recorded, so a resume does not depend on the environment.
         options = dataclasses.replace(options, data_root=resolve_data_root(options.data_root))
-    method = build_method(options.method, options.method_overrides, suite.method_defaults.get(options.method))
     run_dir = options.run_dir
     wall_start = time.perf_counter()
     if options.threads:
@@ -403,9 +439,11 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
             model_dir, base_hash = prepare_base(suite, report=reporter.step)
         else:
             model_dir, base_hash = Path(options.model), f"external:{options.model}"
-    # Under --epochs-per-task each stage's steps follow from its samples; no steps_per_task applies (recorded as null).
-    steps_per_task = None if options.epochs_per_task is not None else options.steps_per_task or suite.training.steps_per_task
+    # Under epochs per task each stage's steps follow from its samples; no steps_per_task applies (recorded as null).
+    steps_per_task = None if epochs is not None else options.steps_per_task or suite.training.steps_per_task
     config = resolved_config(options, method, data, base_hash, steps_per_task)
+    if processes.is_main:
+        reporter.message(setup_line(options, method, steps_per_task, processes))
 
     with run_lock(run_dir) if processes.is_main else contextlib.nullcontext():
         if fresh and processes.is_main:
@@ -429,6 +467,19 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
                            reporter, wall_start, keep_checkpoint, processes)
 
 
+def setup_line(options: RunOptions, method: Method, steps_per_task: int | None, processes: Processes) -> str:
+    """The resolved recipe in one line, printed at the start of a run (the same values results.json records)."""
+    training = options.suite.training
+    config = ", ".join(f"{key}={value}" for key, value in recorded_config(method.config).items())
+    source = f" (suite defaults: {options.suite.method_defaults[options.method]})" if options.method in options.suite.method_defaults else ""
+    length = f"{options.epochs()} epochs per task" if steps_per_task is None else f"{steps_per_task} steps per task"
+    length += f" (at most {options.max_steps} steps a stage)" if options.max_steps else ""
+    per_forward = training.batch_size / (processes.count * options.grad_accum)
+    return (f"{options.method} on {options.suite.name}: {config or 'no options'}{source}; batch {training.batch_size} "
+            f"({processes.count} process(es) x {options.grad_accum} accumulation x ~{per_forward:g} per forward), suite lr {training.lr}, "
+            f"{length}, dtype {options.dtype}, mixed precision {precision_for(parse_dtype(options.dtype), options.mixed_precision).mode}")
+
+
 def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteData, model_dir: Path, base_hash: str,
                 config: dict[str, Any], steps_per_task: int | None, checkpoint: Checkpoint | None, reporter: Reporter,
                 wall_start: float, keep_checkpoint: bool, processes: Processes) -> Path:
@@ -436,13 +487,9 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
     recorded = provenance()  # once per session: git and package lookups are not free
     commit = recorded["git_commit"]
     seed_everything(options.seed)
-    dtype = parse_dtype(options.dtype)
-    base_model, processor = load_model(model_dir, dtype, options.module_patterns, options.gradient_checkpointing)
-    base_weights = {id(p) for p in base_model.parameters()}
-    model = method.wrap_model(base_model, suite.task_names).to(processes.device)
-    sharded = shard_frozen_weights(model, base_weights, processes) if processes.shard_frozen else 0
-    collator = Collator(processor, device=processes.device, dtype=dtype)
-    plan = build_eval_plan(suite, data, collator, options.seed)
+    model, collator, plan, sharded = build_run_model(options, method, data, model_dir, processes)
+    precision = precision_for(parse_dtype(options.dtype), options.mixed_precision)
+    epochs = options.epochs()
     task_names = suite.task_names
     stage_plan = method.stage_plan(task_names, steps_per_task or 0)
     columns = {g: [s.name for s in sets] for g, sets in plan.groups().items()}
@@ -493,8 +540,8 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             ]
             samples = method.train_data(stage, samples)
             steps = step_plan.steps
-            if options.epochs_per_task is not None:  # exact arithmetic: 1.1 epochs of 200 at batch 4 is 55 steps, not 56
-                steps = math.ceil(Fraction(str(options.epochs_per_task)) * len(samples) / suite.training.batch_size)
+            if epochs is not None:  # exact arithmetic: 1.1 epochs of 200 at batch 4 is 55 steps, not 56
+                steps = math.ceil(Fraction(str(epochs)) * len(samples) / suite.training.batch_size)
             steps = min(steps, options.max_steps or steps)
             reporter.stage(stage, step_plan.tasks, steps)
             method.before_stage(stage, step_plan.tasks, model)
@@ -502,18 +549,22 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             try:
                 log = train_stage(
                     model, method, samples, collator, suite.training, steps=steps,
-                    seed=f"{options.seed}-stage{stage}", report=reporter.step, processes=processes,
+                    seed=f"{options.seed}-stage{stage}", report=reporter.step, processes=processes, grad_accum=options.grad_accum,
+                    precision=precision,
                 )
             except NonFiniteLossError as error:
                 kept = f"the checkpoint after stage {progress.completed_stage} is kept" if progress.completed_stage >= 0 else "nothing was kept"
                 raise NonFiniteLossError(f"stage {stage} ({'+'.join(step_plan.tasks)}): {error}; {kept} in {run_dir}") from error
             train_seconds = log.seconds
-            facts = {"tasks": list(step_plan.tasks), **({"steps": steps} if options.epochs_per_task is not None else {}), "final_loss": log.final_loss,
-                     "samples_per_s": log.samples_per_s, **method.after_stage(stage, model, samples, collator)}
+            with precision.autocast(processes.device):
+                consolidated = method.after_stage(stage, model, samples, collator)
+            facts = {"tasks": list(step_plan.tasks), **({"steps": steps} if epochs is not None else {}), "final_loss": log.final_loss,
+                     "samples_per_s": log.samples_per_s, **consolidated}
         eval_start = time.perf_counter()
         evaluated = plan.scheduled(step_plan.rows, len(task_names), suite.evaluation)
-        scores, evaluation_facts, tokens = evaluate_all(model, method, collator, evaluated, suite.evaluation.batch_size, stage,
-                                                        reporter, processes)
+        with precision.autocast(processes.device):
+            scores, evaluation_facts, tokens = evaluate_all(model, method, collator, evaluated, suite.evaluation.batch_size, stage,
+                                                            reporter, processes)
         progress.completed_stage = stage
         if not processes.is_main:
             continue
@@ -527,6 +578,8 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             {"config": config, "seed": options.seed, "git_commit": commit, "progress": progress.to_json()},
             progress.predictions, model_tensors(model, progress.trained), method.state_dict(),
         )
+        if options.save_adapters and step_plan.tasks:
+            export_stage_weights(run_dir / ADAPTERS_DIR / f"stage{stage}", model, progress.trained, method.state_dict())
 
     if not processes.is_main:
         return run_dir
@@ -536,7 +589,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
         "run_info": {
             "suite": suite.name,
             "method": options.method,
-            "method_config": dataclasses.asdict(method.config),
+            "method_config": recorded_config(method.config),
             "seed": options.seed,
             "task_order": task_names,
             "unseen_tasks": columns["unseen"],
@@ -574,6 +627,59 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
     if not keep_checkpoint:
         remove_checkpoints(run_dir)
     return run_dir
+
+
+def reevaluate_stage(run_dir: Path, stage: int, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Evaluate stage ``stage`` of a run again from the weights ``--save-adapters`` exported, as the run did; writes and returns
+    ``RUN_DIR/eval-stage<K>.json`` (per evaluated set: VU, IF, strict and the recorded values when results.json has them)."""
+    reporter = reporter or Reporter()
+    options = RunOptions.from_run_dir(run_dir)
+    run_dir = options.run_dir
+    method = build_method(options.method, options.method_overrides, options.suite.method_defaults.get(options.method))
+    steps_per_task = None if options.epochs() is not None else options.steps_per_task or options.suite.training.steps_per_task
+    plans = method.stage_plan(options.suite.task_names, steps_per_task or 0)
+    if not 1 <= stage <= len(plans) or not plans[stage - 1].tasks:
+        trained = [k for k, plan in enumerate(plans, start=1) if plan.tasks]
+        raise ConfigError(f"{run_dir}: --stage {stage}: {options.method} trains in stages {trained or 'none'}")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    data = materialize(options.suite, options.seed, options.data_root)
+    model_dir = Path(options.model) if options.model is not None else prepare_base(options.suite, report=reporter.step)[0]
+    seed_everything(options.seed)
+    processes = Processes()
+    model, collator, plan, _ = build_run_model(options, method, data, model_dir, processes)
+    load_stage_weights(run_dir / ADAPTERS_DIR / f"stage{stage}", model, method)
+    rows = plans[stage - 1].rows
+    evaluated = plan.scheduled(rows, len(options.suite.task_names), options.suite.evaluation)
+    with precision_for(parse_dtype(options.dtype), options.mixed_precision).autocast(processes.device):
+        scores, facts, _ = evaluate_all(model, method, collator, evaluated, options.suite.evaluation.batch_size, stage, reporter)
+    finished = run_dir / "results.json"
+    recorded = read_json(finished)["matrices"] if finished.is_file() else {}
+    sets = []
+    for group, per_set in scores.items():
+        for eval_set, set_scores in zip(evaluated.groups()[group], per_set):
+            row = {"group": group, "set": eval_set.name, "vu": set_scores.vu, "if": set_scores.if_rate, "strict": set_scores.strict}
+            if group in recorded:
+                column = [s.name for s in plan.groups()[group]].index(eval_set.name)
+                row["recorded"] = {kind: recorded[group][kind][rows[0]][column] for kind in MATRIX_KINDS}
+            sets.append(row)
+    report = to_jsonable({"stage": stage, "rows": list(rows), "sets": sets, "facts": facts,
+                          "predictions": [{"group": g, **p} for g, per_set in scores.items() for x in per_set for p in x.predictions]})
+    atomic_write_json(run_dir / f"eval-stage{stage}.json", report)
+    return report
+
+
+def build_run_model(options: RunOptions, method: Method, data: SuiteData, model_dir: Path, processes: Processes):
+    """The run's model (loaded, wrapped by the method, placed, sharded under FSDP), its collator and evaluation plan;
+    also the number of sharded tensors."""
+    dtype = parse_dtype(options.dtype)
+    base_model, processor = load_model(model_dir, dtype, options.module_patterns, options.gradient_checkpointing)
+    base_weights = {id(p) for p in base_model.parameters()}
+    model = method.wrap_model(base_model, options.suite.task_names).to(processes.device)
+    fp32_trained_weights(model)
+    sharded = shard_frozen_weights(model, base_weights, processes) if processes.shard_frozen else 0
+    collator = Collator(processor, device=processes.device, dtype=dtype)
+    return model, collator, build_eval_plan(options.suite, data, collator, options.seed), sharded
 
 
 def top_reply_share(predictions: list[dict]) -> float:

@@ -36,3 +36,23 @@ def uninterrupted_smoke(tmp_path_factory) -> Callable[[str], tuple[dict, Path]]:
         return runs[method]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def short_suite(tmp_path_factory) -> tuple[Path, Path]:
+    """A suite of two smoke tasks (four training samples, two test items, two steps a stage) and the smoke base:
+    seconds per method run, every hook still runs."""
+    import yaml
+
+    from cvit_bench.models.base_checkpoint import prepare_base
+    from cvit_bench.suites.schema import SUITES_DIR, load_suite
+
+    directory = tmp_path_factory.mktemp("short")
+    data = yaml.safe_load((SUITES_DIR / f"{SMOKE}.yaml").read_text())
+    data.update(name="short", training={"steps_per_task": 2, "batch_size": 2, "lr": 0.0003, "warmup_steps": 1}, evaluation={"batch_size": 4},
+                tasks=[{"name": n, "kind": n, "template": n, "scorer": s, "train_size": 4, "test_size": 2}
+                       for n, s in (("mcq", "option_letter"), ("vqa", "vqa_accuracy"))], unseen=[])
+    path = directory / "short.yaml"
+    path.write_text(yaml.safe_dump(data))
+    model_dir, _ = prepare_base(load_suite(SMOKE))
+    return path, model_dir

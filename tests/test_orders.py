@@ -128,6 +128,20 @@ def test_the_default_order_leaves_committed_cvit_v1_runs_unchanged():
         assert _setup_only(dataclasses.asdict(loaded)) == _setup_only(dataclasses.asdict(suite))
 
 
+@pytest.mark.parametrize("path", sorted(LEADERBOARD_RUNS.glob("*/*/seed0/results.json")), ids=lambda p: f"{p.parts[-4]}/{p.parts[-3]}")
+def test_committed_runs_keep_their_config_hash_and_request(path):
+    """Options added since (projector_lr, epochs_per_task, max_new_tokens, batch and precision flags) stay out of the setup at their defaults."""
+    info = read_json(path)["run_info"]
+    request = info["request"]
+    options = RunOptions(load_suite(request["suite"]), request["method"], request["seed"], Path("results"), threads=request.get("threads"),
+                         method_overrides=request["method_overrides"], steps_per_task=request["steps_per_task"],
+                         **{key: request[key] for key in runner_module.BACKEND_OPTIONS if key in request})
+    method = build_method(options.method, options.method_overrides, options.suite.method_defaults.get(options.method))
+    data = SuiteData(Path("."), data_hash="d", recipe_hash=info["data_recipe_hash"])
+    config = resolved_config(options, method, data, info["base_checkpoint_hash"], info["config"]["steps_per_task"])
+    assert config_hash(config) == info["config_hash"] and options.request() == request
+
+
 def test_a_non_default_order_is_part_of_the_setup_and_has_its_own_run_directory():
     smoke = load_suite(SMOKE)
     listed = RunOptions(smoke, "seqlora", 1, Path("r"))

@@ -16,7 +16,7 @@ from PIL import Image
 from cvit_bench.data.llava_format import DataError
 from cvit_bench.suites.availability import check_data, format_report, image_root, task_folder
 from cvit_bench.suites.materialize import DATA_ROOT_ENV, evaluation_subset, materialize
-from cvit_bench.suites.schema import RealSuite, RealTaskSpec, SuiteError, load_suite
+from cvit_bench.suites.schema import RealSuite, RealTaskSpec, SuiteError, TaskSpec, load_suite
 
 REAL_SUITES = ["coin", "smolora-cvit", "smolora-cvit-multi", "ucit"]
 CAPTIONS = ["a dog runs across the green grass.", "a brown dog is running on a lawn.", "the dog plays outside in the sun."]
@@ -115,7 +115,7 @@ def test_synthetic_suites_keep_their_recorded_setup():
     """Real-data fields live on the subclasses, so a synthetic suite's setup (and config hash) is as before."""
     setup = dataclasses.asdict(load_suite("cvit-v1"))
     assert not {"images", "not_computed"} & set(setup)
-    assert set(setup["tasks"][0]) == {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data"}
+    assert set(setup["tasks"][0]) - set(TaskSpec.ADDED_LATER) == {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data"}
 
 
 def write_suite(tmp_path: Path, edit) -> Path:
@@ -304,6 +304,31 @@ def test_real_suite_runs_end_to_end(name, fixture_root, tiny_model, tmp_path, on
     assert info["config"]["suite"]["not_computed"] == [dataclasses.asdict(item) for item in suite.not_computed]
     if name == "smolora-cvit":
         assert info["unseen_tasks"] == ["vizwiz", "textcaps", "ocrvqa", "places365-5shot", "places365-10shot"]
+    recipe = suite.method_defaults["seqlora"]
+    assert {key: info["method_config"][key] for key in recipe} == recipe and info["config"]["method_config"] == info["method_config"]
+
+
+@pytest.mark.parametrize("name", REAL_SUITES)
+def test_real_suites_carry_a_recipe_for_every_method_that_trains(name):
+    from cvit_bench.methods import METHODS
+    from cvit_bench.runner import build_method
+
+    suite = load_suite(name)
+    for method in METHODS.names():
+        if build_method(method, {}).trains():
+            assert method in suite.method_defaults, f"{name}: no recipe for {method}"
+            config = build_method(method, {}, suite.method_defaults[method]).config
+            assert config.lr <= 2e-4 and config.lr == suite.method_defaults[method]["lr"], f"{name}: {method} keeps a tiny-model lr"
+    assert suite.training.epochs_per_task == 1
+
+
+def test_a_real_suite_without_a_methods_recipe_refuses_to_run_it(tmp_path):
+    from cvit_bench.registry import ConfigError
+    from cvit_bench.runner import RunOptions, run
+
+    path = write_suite(tmp_path, lambda data: data["method_defaults"].pop("moelora"))
+    with pytest.raises(ConfigError, match=r"method_defaults\.moelora: missing; a real suite carries its paper's recipe"):
+        run(RunOptions(load_suite(str(path)), "moelora", 0, tmp_path, model="unused", data_root=tmp_path))
 
 
 def test_validate_command_checks_the_data_and_names_what_is_missing(coin_root, monkeypatch):

@@ -7,7 +7,7 @@ import numpy as np
 
 from cvit_bench.data.samples import Sample
 from cvit_bench.evaluation.contracts import check_contract
-from cvit_bench.evaluation.scoring import score_task
+from cvit_bench.evaluation.scoring import extracted_answer, score_task
 
 
 @dataclass
@@ -31,8 +31,9 @@ class SetScores:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def score_set(eval_set: EvalSet, replies: list[str]) -> SetScores:
-    """Per-sample VU and IF scores plus their means; ``predictions`` keeps every reply with both."""
+def score_set(eval_set: EvalSet, replies: list[str], prompts: list[str]) -> SetScores:
+    """Per-sample VU and IF scores plus their means; ``predictions`` keeps every reply with both, the prompt as the model
+    was sent it (``prompts``, in sample order) and the answer the scorer read from the reply."""
     samples = eval_set.samples
     task_scores = score_task(eval_set.scorer, replies, [s.scoring_fields for s in samples])
     checks = [
@@ -47,13 +48,15 @@ def score_set(eval_set: EvalSet, replies: list[str]) -> SetScores:
             "id": s.id,
             "phrasing": s.phrasing_id,
             "contract": s.contract,
+            "prompt": prompt,
             "prediction": reply,
+            "extracted": extracted_answer(eval_set.scorer, reply, s.scoring_fields),
             "target": s.target,
             "vu": float(v),
             "if_pass": c.passed,
             "if_reason": c.reason,
         }
-        for s, reply, v, c in zip(samples, replies, vu, checks)
+        for s, prompt, reply, v, c in zip(samples, prompts, replies, vu, checks)
     ]
     return SetScores(
         vu=float(vu.mean() * 100),

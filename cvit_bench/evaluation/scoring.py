@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 from rapidfuzz import fuzz
@@ -462,6 +463,56 @@ SAMPLE_SCORERS: dict[str, Callable[[str, dict], float]] = {
     "grounding_iou_strict": partial(grounding_score, strict=True),
 }
 CORPUS_SCORERS = ("cider", "cider_single_ref")
+
+def _letter(output: str, sample: dict) -> str | None:
+    return extract_option_letter(output, sample["options"])
+
+
+def _unwrapped(output: str, sample: dict) -> str:
+    return extract_answer(output)
+
+
+def _normalized(output: str, sample: dict) -> str:
+    return normalize_answer(extract_answer(output))
+
+
+def _stripped(output: str, sample: dict) -> str:
+    return output.strip()
+
+
+def _lower(output: str, sample: dict) -> str:
+    return output.strip().lower()
+
+
+def _upper(output: str, sample: dict) -> str:
+    return output.strip().upper()
+
+
+def _box(output: str, sample: dict) -> tuple[float, float, float, float] | None:
+    return parse_box(output)
+
+
+# What each scorer reads out of a reply before comparing it (recorded beside the raw reply in predictions.jsonl).
+ANSWER_EXTRACTORS: dict[str, Callable[[str, dict], Any]] = {
+    "option_letter": _letter,
+    "vqa_accuracy": _unwrapped,
+    "vqa_accuracy_vqaeval": _unwrapped,
+    "exact_match": _normalized,
+    "label_match": _normalized,
+    "substring_match": _lower,
+    "substring_match_cased": _stripped,
+    "lower_exact_match": _lower,
+    "upper_exact_match": _upper,
+    "grounding_iou": _box,
+    "grounding_iou_strict": _box,
+    "cider": _stripped,
+    "cider_single_ref": _stripped,
+}
+
+
+def extracted_answer(scorer: str, output: str, sample: dict) -> Any:
+    """The answer ``scorer`` compares, as read from ``output`` (an option letter, a normalized string, a box, or None)."""
+    return ANSWER_EXTRACTORS[scorer](output, sample)
 
 
 @dataclass

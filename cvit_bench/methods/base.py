@@ -28,9 +28,13 @@ class StagePlan:
     rows: tuple[int, ...]
 
 
-def option(default: Any, help: str) -> Any:
-    """A config field whose help text ``cvit-bench ls`` prints."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, *, added_later: bool = False) -> Any:
+    """A config field whose help text ``cvit-bench ls`` prints.
+
+    ``added_later``: the option came after results were published; at its default it is left out
+    of the recorded config (see :func:`recorded_config`), so those results keep their config hash.
+    """
+    return field(default=default, metadata={"help": help, "added_later": added_later})
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,13 @@ class TuningConfig(MethodConfig):
     """Options shared by methods that train."""
 
     lr: float | None = option(None, "learning rate; overrides the suite's training.lr when set")
+    projector_lr: float | None = option(None, "learning rate of the projector (LLaVA's mm_projector_lr); null = lr", added_later=True)
+
+
+def recorded_config(config: MethodConfig) -> dict[str, Any]:
+    """The method's options as a run records and hashes them: every option, except those added later while at their default."""
+    return {f.name: getattr(config, f.name) for f in fields(config)
+            if not (f.metadata.get("added_later") and getattr(config, f.name) == f.default)}
 
 
 class Method:
@@ -65,8 +76,16 @@ class Method:
         return model
 
     def parameter_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        """The trained tensors at the method's lr; a trained projector at ``projector_lr`` when set (LLaVA tunes it 10x slower)."""
         lr = getattr(self.config, "lr", None) or lr
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        projector_lr = getattr(self.config, "projector_lr", None)
+        if projector_lr is None:
+            return [{"params": trainable, "lr": lr}]
+        projector = {id(p) for p in projector_parameters(model)}
+        groups = [{"params": [p for p in trainable if id(p) not in projector], "lr": lr},
+                  {"params": [p for p in trainable if id(p) in projector], "lr": projector_lr}]
+        return [group for group in groups if group["params"]]
 
     # --- training hooks -----------------------------------------------------
     def before_stage(self, stage: int, tasks: tuple[str, ...], model: nn.Module) -> None:

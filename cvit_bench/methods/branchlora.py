@@ -89,10 +89,12 @@ class TaskSelector(nn.Module):
 
     def alignment_loss(self, task: int, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         cos = nn.functional.cosine_similarity
+        image, text = image.to(self.image_keys.dtype), text.to(self.text_keys.dtype)  # features come in the model's dtype
         return (1 - cos(image, self.image_keys[task][None], dim=-1)).mean() + (1 - cos(text, self.text_keys[task][None], dim=-1)).mean()
 
     def select(self, image: torch.Tensor, text: torch.Tensor, n_trained: int) -> torch.Tensor:
         cos = nn.functional.cosine_similarity
+        image, text = image.to(self.image_keys.dtype), text.to(self.text_keys.dtype)
         score = cos(image[:, None], self.image_keys[None, :n_trained], dim=-1) + cos(text[:, None], self.text_keys[None, :n_trained], dim=-1)
         return score.argmax(-1)
 

@@ -66,11 +66,11 @@ class Ewc(Method):
         """Mean over samples of each gradient squared; one backward per sample, since squaring a batch mean is not the Fisher."""
         was_training = model.training
         model.eval()  # no dropout: the Fisher of the model that is evaluated
-        fisher = [torch.zeros_like(p) for p in self.params]
+        fisher = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]  # fp32 sums also for bf16 weights (the projector)
         for sample in samples:
             loss = model(**collator.train_batch([sample])).loss
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            torch._foreach_add_(fisher, [torch.zeros_like(p) if g is None else g * g for g, p in zip(grads, self.params)])
+            torch._foreach_add_(fisher, [torch.zeros_like(f) if g is None else g.float() ** 2 for g, f in zip(grads, fisher)])
         model.train(was_training)
         return torch._foreach_div(fisher, max(len(samples), 1))
 

@@ -26,10 +26,14 @@ class LwfConfig(LoraMethodConfig):
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · KL(teacher ‖ student) per answer token, averaged; logits at position i predict labels at i + 1."""
+    """T² · KL(teacher ‖ student) per answer token, averaged; logits at position i predict labels at i + 1.
+
+    Computed in fp32 whatever the model's dtype: in bf16 the two log-softmaxes of nearly equal
+    logits differ by less than their rounding, and the KL would be noise.
+    """
     answer = labels[:, 1:] != -100
-    student = student_logits[:, :-1][answer] / temperature
-    teacher = teacher_logits[:, :-1][answer] / temperature
+    student = student_logits[:, :-1][answer].float() / temperature
+    teacher = teacher_logits[:, :-1][answer].float() / temperature
     kl = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), log_target=True, reduction="batchmean")
     return temperature**2 * kl
 

@@ -93,7 +93,10 @@ def _segment_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class MixtureLoraLinear(nn.Module):
     """``base(x) + scaling · Σ_e gate_e(x) · B_e A_e x`` with all experts in two matmuls.
 
-    ``shared_a`` keeps one down-projection for every expert (BranchLoRA's trunk).
+    ``shared_a`` keeps one down-projection for every expert (BranchLoRA's trunk). Experts and
+    router are created in fp32 whatever the base's dtype, as peft keeps LoRA weights
+    (``autocast_adapter_dtype``): bf16 weights would round away small optimizer updates.
+    The input is cast to the experts' dtype and the delta back to the base output's.
     """
 
     def __init__(self, base: nn.Linear, n_experts: int, rank: int, scaling: float, router: nn.Module, shared_a: bool = False) -> None:
@@ -113,10 +116,12 @@ class MixtureLoraLinear(nn.Module):
         return h.expand(*h.shape[:-2], self.n_experts, self.rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        x = x.to(self.lora_A.dtype)  # experts and routers compute in their own dtype (fp32 under a bf16 base, as peft's LoRA)
         gates = self.router(x)  # broadcastable to (..., E)
         h = self.expert_activations(x) * gates.unsqueeze(-1)
         up = self.lora_B.permute(1, 0, 2).flatten(1)  # (d_out, E·r), column e·r + k = B_e[:, k]
-        return self.base(x) + (h.flatten(-2) @ up.T) * self.scaling
+        return result + ((h.flatten(-2) @ up.T) * self.scaling).to(result.dtype)
 
 
 def inject_mixture(model: nn.Module, pattern: str, build: Callable[[str, nn.Linear], MixtureLoraLinear]) -> dict[str, MixtureLoraLinear]:

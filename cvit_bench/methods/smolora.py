@@ -25,7 +25,7 @@ from cvit_bench.models.backend import module_map_for, packed_image_rows
 @dataclass(frozen=True)
 class SmoLoraConfig(TuningConfig):
     lr: float | None = option(1e-3, "learning rate of experts and fusion vectors (paper: 1e-4 at 7B; tiny runs use seqlora's 1e-3)")
-    projector_lr_scale: float = option(0.2, "projector adapters' lr relative to lr (paper: 2e-5 / 1e-4)")
+    projector_lr_scale: float = option(0.2, "projector adapters' lr relative to lr (paper: 2e-5 / 1e-4) unless projector_lr is set")
     vu_experts: int = option(4, "experts in the visual-understanding pool (paper: half of r=128 split into rank-16 experts = 4)")
     if_experts: int = option(4, "experts in the instruction-following pool (paper: 4)")
     expert_rank: int = option(2, "rank of each expert (paper: 16 at hidden 4096; scaled to 2 at hidden 160)")
@@ -111,12 +111,14 @@ class SmoLora(Method):
         return model
 
     def parameter_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """The projector is adapted, not tuned: its adapters take the projector's lr."""
         lr = self.config.lr or lr
         projector = {id(p) for name, layer in self.layers.items() if "projector" in name for p in layer.parameters() if p.requires_grad}
         trainable = [p for p in model.parameters() if p.requires_grad]
+        projector_lr = lr * self.config.projector_lr_scale if self.config.projector_lr is None else self.config.projector_lr
         return [
             {"params": [p for p in trainable if id(p) not in projector], "lr": lr},
-            {"params": [p for p in trainable if id(p) in projector], "lr": lr * self.config.projector_lr_scale},
+            {"params": [p for p in trainable if id(p) in projector], "lr": projector_lr},
         ]
 
     def instruction_embeddings(self, instructions: list[str]) -> torch.Tensor:

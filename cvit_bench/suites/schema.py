@@ -6,7 +6,9 @@ a broken suite in one pass instead of one error at a time.
 """
 from __future__ import annotations
 
+import math
 import re
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -63,6 +65,9 @@ class TaskSpec:
     test_size: int = 0
     shots: tuple[int, ...] = (0,)
     data: str | None = None  # real suites: folder (relative to --data-root) holding train.json / test.json
+    max_new_tokens: int | None = None  # generation length; None: the longest reference reply of the set + the margin
+
+    ADDED_LATER = {"max_new_tokens": None}  # left out of a run's config at these values (cvit-v1's hash)
 
 
 @dataclass(frozen=True)
@@ -90,12 +95,18 @@ class NotComputed:
 
 @dataclass(frozen=True)
 class TrainingConfig:
+    """The suite's recipe. ``batch_size`` is the batch of one optimizer step over all processes, whatever
+    ``--grad-accum`` splits it into; ``epochs_per_task`` (the papers: 1) replaces ``steps_per_task`` when set."""
+
     steps_per_task: int = 200
     batch_size: int = 16
     lr: float = 3e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    epochs_per_task: float | None = None
+
+    ADDED_LATER = {"epochs_per_task": None}  # left out of a run's config at these values (cvit-v1's hash)
 
 
 @dataclass(frozen=True)
@@ -157,7 +168,7 @@ _TOP_KEYS = {"name", "description", "data", "model", "instruction_setting", "tra
              "method_defaults"}
 ORDER_NAME = re.compile(r"[a-z0-9_-]+")
 DEFAULT_ORDER = "default"  # the listed order's name in leaderboards; a suite may declare it only as the listed order
-_TASK_KEYS = {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data", "obtain"}
+_TASK_KEYS = {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data", "obtain", "max_new_tokens"}
 _NOT_COMPUTED_KEYS = {"name", "reason"}
 _TEMPLATE_KEYS = {"task_type", "train", "heldout"}
 _PHRASING_KEYS = {"prompt", "contract"}
@@ -235,10 +246,14 @@ def _dataclass_from(cls, where: str, mapping: Any, problems: list[str]):
     allowed = {f.name: f for f in fields(cls)}
     _unknown_keys(where, mapping, set(allowed), problems)
     values = {}
+    hints = typing.get_type_hints(cls)
     for key, value in mapping.items():
         if key not in allowed:
             continue
-        expected = type(getattr(cls(), key))
+        expected = tuple(t for t in typing.get_args(hints[key]) or (hints[key],) if t is not type(None))[0]
+        if value is None and type(None) in typing.get_args(hints[key]):
+            values[key] = None
+            continue
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
@@ -295,11 +310,12 @@ def _load_task(where: str, entry: Any, data_source: str, problems: list[str], te
         shots = [0]
     # Real test sets are evaluated whole unless capped; generated ones need a size.
     test_size = _positive_int(f"{where}.test_size", entry.get("test_size", 0 if real else 1), problems, allow_zero=real)
+    max_new_tokens = None if entry.get("max_new_tokens") is None else _positive_int(f"{where}.max_new_tokens", entry["max_new_tokens"], problems)
     if not real:
         train_size = _positive_int(f"{where}.train_size", entry.get("train_size", 0), problems, allow_zero=True)
         if template is None:
             return None
-        return TaskSpec(name, str(kind), template, str(scorer), train_size, test_size, tuple(shots), entry.get("data"))
+        return TaskSpec(name, str(kind), template, str(scorer), train_size, test_size, tuple(shots), entry.get("data"), max_new_tokens)
     if "train_size" in entry:
         problems.append(f"{where}.train_size: real (llava) suites train on all of train.json; remove it")
     folder = _relative_folder(f"{where}.data", entry.get("data"), problems)
@@ -308,7 +324,7 @@ def _load_task(where: str, entry: Any, data_source: str, problems: list[str], te
         problems.append(f"{where}.obtain: expected a string saying how to get the data, got {obtain!r}")
     if template is None or folder is None:
         return None
-    return RealTaskSpec(name, str(kind), template, str(scorer), 0, test_size, tuple(shots), folder, obtain=str(obtain))
+    return RealTaskSpec(name, str(kind), template, str(scorer), 0, test_size, tuple(shots), folder, max_new_tokens, obtain=str(obtain))
 
 
 def _load_not_computed(where: str, raw: Any, problems: list[str]) -> tuple[NotComputed, ...]:
@@ -462,6 +478,9 @@ def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
         orders=orders,
         method_defaults=_load_method_defaults(f"{where}: method_defaults", data.get("method_defaults") or {}, problems),
     )
+    epochs = common["training"].epochs_per_task
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        problems.append(f"{where}: training.epochs_per_task: expected a positive number, got {epochs!r}")
     if common["evaluation"].side_sets not in SIDE_SET_SCHEDULES:
         problems.append(f"{where}: evaluation.side_sets: expected one of {SIDE_SET_SCHEDULES}, got {common['evaluation'].side_sets!r}")
     if source == "llava":

@@ -2,16 +2,18 @@
 
     cvit-bench run --suite cvit-v1 --method seqlora
 
-Each stage: batch -> (method.batch_context) forward -> CE loss (+ method.extra_loss) ->
-backward -> method.after_backward -> clip -> step -> method.after_optimizer_step -> zero grads.
+Each stage: batch -> per micro-batch (``--grad-accum``): (method.batch_context, autocast) forward ->
+CE loss (+ method.extra_loss) -> backward; then method.after_backward -> clip -> step ->
+method.after_optimizer_step -> zero grads.
 Loss is read back to the host only every ``log_every`` steps.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -59,29 +61,95 @@ def make_optimizer(model: nn.Module, method, config: TrainingConfig, steps: int)
     return optimizer, scheduler, trainable
 
 
-def train_step(model: nn.Module, method, chunk: list[Sample], batch: dict[str, torch.Tensor], optimizer, scheduler, trainable,
-               max_grad_norm: float, processes: Processes = Processes()) -> torch.Tensor:
-    """One optimizer step with every method hook; returns the loss without reading it back to the host.
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    With several processes the back-propagated loss is weighted by this process's share of the
-    batch's answer tokens and the gradients are averaged before any method sees them.
+
+@dataclass(frozen=True)
+class Precision:
+    """accelerate's ``--mixed_precision``: weights stay as loaded, forwards run under autocast in ``mode``'s dtype.
+
+    ``fp16`` also scales the loss (its gradients underflow otherwise); ``no`` leaves everything as it is,
+    so a run without mixed precision computes exactly what it did before the option existed.
     """
-    with method.batch_context(chunk, batch):
-        outputs = model(**batch)
-        loss = outputs.loss
-        extra = method.extra_loss(batch, outputs)
-        if extra is not None:
-            loss = loss + extra
-    weight = processes.loss_weight(batch["labels"])
-    (loss if weight is None else loss * weight).backward()
+
+    mode: str = "no"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MIXED_PRECISION:
+            raise ConfigError(f"--mixed-precision {self.mode!r}: expected one of {', '.join(MIXED_PRECISION)}")
+
+    def autocast(self, device: torch.device) -> ContextManager:
+        if self.mode == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=MIXED_PRECISION[self.mode])
+
+    def scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
+        """The loss scaler fp16 needs; None otherwise."""
+        return torch.amp.GradScaler(device.type) if self.mode == "fp16" else None
+
+
+def precision_for(weights: torch.dtype, mixed_precision: str) -> Precision:
+    """The run's precision: fp16 weights always train under fp16 autocast with loss scaling (see :func:`fp32_trained_weights`)."""
+    return Precision("fp16" if weights == torch.float16 and mixed_precision == "no" else mixed_precision)
+
+
+def fp32_trained_weights(model: nn.Module) -> None:
+    """Trainable fp16 weights (a projector, a full fine-tune) become fp32 master weights, as every fp16 trainer keeps them:
+    AdamW's epsilon and small updates vanish in fp16 and the loss turns NaN within steps. Autocast computes in fp16."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype == torch.float16:
+            parameter.data = parameter.data.float()
+
+
+def micro_batches(chunk: list[Sample], grad_accum: int) -> list[list[Sample]]:
+    """``chunk`` in ``grad_accum`` contiguous parts whose sizes differ by at most one (every part non-empty)."""
+    if len(chunk) < grad_accum:
+        raise ConfigError(f"--grad-accum {grad_accum}: a process's share of the batch holds only {len(chunk)} samples; "
+                          "lower --grad-accum or raise --batch-size")
+    size, extra = divmod(len(chunk), grad_accum)
+    bounds = [i * size + min(i, extra) for i in range(grad_accum + 1)]
+    return [chunk[start:end] for start, end in zip(bounds, bounds[1:])]
+
+
+def train_step(model: nn.Module, method, micro: list[tuple[list[Sample], dict[str, torch.Tensor]]], optimizer, scheduler, trainable,
+               max_grad_norm: float, processes: Processes = Processes(), precision: Precision = Precision(),
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """One optimizer step over the (samples, batch) micro-batches of this process, with every method hook; returns the
+    loss without reading it back to the host.
+
+    Gradients of the micro-batches accumulate; each back-propagated loss is weighted by its share of the answer tokens of
+    the whole step (all micro-batches of all processes), and the gradients are averaged over processes before any method
+    sees them, so the step equals one forward of the whole batch (mean over all its answer tokens) up to summation order.
+    """
+    weights: list[torch.Tensor | None] = [None] * len(micro)  # one forward of the whole batch needs no weight
+    if len(micro) > 1 or processes.distributed:
+        tokens = torch.stack([(batch["labels"] != -100).sum().to(torch.float32) for _, batch in micro])
+        weights = list(tokens * processes.count / processes.sum(tokens.sum()))
+    logged = torch.zeros((), device=processes.device)
+    for (chunk, batch), weight in zip(micro, weights):
+        with precision.autocast(processes.device), method.batch_context(chunk, batch):
+            outputs = model(**batch)
+            loss = outputs.loss
+            extra = method.extra_loss(batch, outputs)
+            if extra is not None:
+                loss = loss + extra
+        weighted = loss if weight is None else loss * weight
+        (weighted if scaler is None else scaler.scale(weighted)).backward()
+        logged += loss.detach().float() if weight is None else loss.detach().float() * weight / processes.count
     processes.average_gradients(trainable)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # methods edit true gradients
     method.after_backward(model)
     torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     scheduler.step()
     method.after_optimizer_step(model)
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach() if weight is None else loss.detach() * weight / processes.count
+    return logged
 
 
 def train_stage(
@@ -96,21 +164,24 @@ def train_stage(
     report: Callable[[int, float, float], None] | None = None,
     log_every: int = 10,
     processes: Processes = Processes(),
+    grad_accum: int = 1,
+    precision: Precision = Precision(),
 ) -> StageLog:
     """Train ``steps`` optimizer steps on ``samples``; returns loss and throughput.
 
-    With several processes each trains on its share of every batch (see cvit_bench.distributed);
-    the logged loss is the global batch's.
+    With several processes each trains on its share of every batch (see cvit_bench.distributed), in
+    ``grad_accum`` forwards; the logged loss is the global batch's.
     """
     model.train()
     optimizer, scheduler, trainable = make_optimizer(model, method, config, steps)
+    scaler = precision.scaler(processes.device)
     batches = method.training_batches(samples, config.batch_size, seed)
     window_loss = torch.zeros((), device=processes.device)
     last_loss, start, window_start = float("nan"), time.perf_counter(), time.perf_counter()
     for step in range(1, steps + 1):
-        chunk = processes.share(next(batches))
-        window_loss += train_step(model, method, chunk, collator.train_batch(chunk), optimizer, scheduler, trainable,
-                                  config.max_grad_norm, processes)
+        micro = [(part, collator.train_batch(part)) for part in micro_batches(processes.share(next(batches)), grad_accum)]
+        window_loss += train_step(model, method, micro, optimizer, scheduler, trainable, config.max_grad_norm, processes,
+                                  precision, scaler)
         if step % log_every == 0 or step == steps:
             window = step % log_every or log_every
             last_loss = processes.sum(window_loss).item() / window
