@@ -12,7 +12,7 @@ from torch import nn
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
 from cvit_bench.methods.branchlora import TaskSelector
-from cvit_bench.methods.llaca import balance_weights
+from cvit_bench.methods.llaca import balance_weights, l1_norms
 from cvit_bench.methods.mixture import MixtureLoraLinear
 from cvit_bench.methods.projection import InputBasis
 from cvit_bench.models.backend import load_model
@@ -194,13 +194,13 @@ def test_llaca_beta_matches_a_hand_computed_value():
     ema = [torch.tensor([0.0, 0.0]), torch.tensor([-7.0])]
     grads = [torch.tensor([0.5, 0.5]), torch.tensor([2.0])]
     previous = [torch.tensor([0.0, -1.0]), torch.tensor([1.0])]
-    beta, fell_back = balance_weights(grads, previous, params, ema, fallback=0.01)
+    beta, fell_back = balance_weights(l1_norms(grads, previous, params, ema), fallback=0.01)
     # tensor 1: 2(1 + 1.0) / (3.0 * 2.0) = 0.6667 -> kept; tensor 2: 2(1 + 2) / (10 * 1) = 0.6 -> kept
     torch.testing.assert_close(beta, torch.tensor([2 * 2.0 / 6.0, 0.6]))
     assert not fell_back.any()
-    beta, fell_back = balance_weights(grads, [g.clone() for g in grads], params, ema, fallback=0.01)  # no gradient change: inf
+    beta, fell_back = balance_weights(l1_norms(grads, [g.clone() for g in grads], params, ema), fallback=0.01)  # no gradient change: inf
     assert fell_back.all() and torch.equal(beta, torch.full((2,), 0.01))
-    beta, fell_back = balance_weights(grads, None, params, ema, fallback=0.01)  # first update of a task
+    beta, fell_back = balance_weights(l1_norms(grads, None, params, ema), fallback=0.01)  # first update of a task
     assert fell_back.all()
 
 
