@@ -9,7 +9,9 @@ from torch import nn
 
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
+from cvit_bench.methods import pegp as pegp_module
 from cvit_bench.methods.llaca import balance_weights, l1_norms
+from cvit_bench.methods.projection import InputBasis
 from cvit_bench.models.backend import load_model, projector_parameters
 from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.registry import ConfigError
@@ -132,3 +134,103 @@ def test_llaca_on_bf16_weights_keeps_a_float32_average(smoke):
     for parameter, average in zip(method.params, ema):
         assert torch.equal(parameter.detach(), average.to(parameter.dtype))
     assert set(facts["llaca_beta"]["kinds"]) == {"lora_A", "lora_B", "projector"}
+
+
+# --- PEGP ------------------------------------------------------------------------------
+def rotated(spectrum: list[float], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A covariance with the given eigenvalues in a random orthonormal frame, and that frame."""
+    frame = torch.linalg.qr(torch.randn(len(spectrum), len(spectrum), generator=torch.Generator().manual_seed(seed))).Q
+    return frame @ torch.diag(torch.tensor(spectrum)) @ frame.T, frame
+
+
+@pytest.mark.parametrize("energy, threshold, kept", [
+    # spectrum 4, 2, 1.2, 0.8: shares of lambda 0.5, 0.75, 0.9, 1; of lambda^2 (16, 4, 1.44, 0.64)/22.08: 0.725, 0.906, 0.971, 1
+    ("eigenvalue", 0.8, 2), ("eigenvalue", 0.95, 3), ("squared", 0.8, 1), ("squared", 0.95, 2),
+])
+def test_first_task_keeps_the_directions_strictly_below_the_threshold(energy, threshold, kept):
+    covariance, frame = rotated([4.0, 2.0, 1.2, 0.8])
+    basis = InputBasis(4)
+    assert basis.extend(covariance, threshold, energy) == kept
+    assert basis.basis.dtype == torch.float32
+    leading = frame[:, :kept]
+    torch.testing.assert_close(basis.basis @ basis.basis.T, leading @ leading.T, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("energy, kept", [
+    # spectrum 2, 2, 1, 1 with the first direction already kept, threshold 0.85:
+    # lambda: captured 1/3, then 2/3, 5/6, 1 -> below 2, plus the one that reaches -> 3
+    # lambda^2 (4, 4, 1, 1)/10: captured 0.4, then 0.8, 0.9, 1 -> below 1, plus the one that reaches -> 2
+    ("eigenvalue", 3), ("squared", 2),
+])
+def test_later_tasks_add_directions_until_the_threshold_is_reached(energy, kept):
+    covariance, frame = rotated([2.0, 2.0, 1.0, 1.0], seed=1)
+    basis = InputBasis(4)
+    basis.basis, basis.tasks = frame[:, :1].contiguous(), 1
+    assert basis.extend(covariance, 0.85, energy) == kept
+    assert basis.size == 1 + kept
+
+
+def test_first_task_dominated_by_one_direction_keeps_none():
+    """The authors' strict count: a direction that alone carries the threshold's share is not kept on a first task."""
+    covariance, _ = rotated([1.0, 0.001, 0.0])
+    assert InputBasis(3).extend(covariance, 0.99, "squared") == 0
+    assert InputBasis(3).extend(covariance, 0.99, "eigenvalue") == 0
+
+
+def sample_pair(smoke):
+    """Two samples whose token counts differ, so batching them pads the shorter one."""
+    _, _, samples = smoke
+    return samples["mcq"][0], samples["caption"][0]
+
+
+def test_padding_rows_do_not_change_the_covariance(smoke):
+    model, method, collator = fresh(smoke, "pegp")
+    short, long = sample_pair(smoke)
+    mask = collator.train_batch([short, long])["attention_mask"]
+    assert mask.sum(1).min() < mask.shape[1], "the batch holds padding"
+    names = list(method.layers)
+    together = method.covariances(model, names, [short, long], collator)
+    alone = [method.covariances(model, names, [sample], collator) for sample in (short, long)]
+    assert together.keys() == alone[0].keys() and len(together) == 2 * len(names)
+    for key, covariance in together.items():
+        torch.testing.assert_close(covariance, alone[0][key] + alone[1][key], rtol=1e-4, atol=1e-3)
+
+
+def test_pegp_statistics_are_float32_on_a_bf16_model(smoke):
+    _, _, samples = smoke
+    model, method, collator = fresh(smoke, "pegp", dtype=torch.bfloat16)
+    sums = method.covariances(model, list(method.layers), samples["mcq"][:4], collator)
+    assert all(covariance.dtype == torch.float32 for covariance in sums.values())
+    facts = method.after_stage(1, model, samples["mcq"], collator)
+    assert all(basis.basis.dtype == torch.float32 for layer in method.layers.values() for basis in (layer.x_basis, layer.h_basis))
+    assert facts["basis_fill"]["x_mean"] > 0
+
+
+def test_bases_grown_layer_group_by_group_equal_one_pass(smoke, monkeypatch):
+    _, _, samples = smoke
+    bases = []
+    for budget in (pegp_module.COVARIANCE_BUDGET_BYTES, 1):  # all layers in one pass; one layer per pass
+        monkeypatch.setattr(pegp_module, "COVARIANCE_BUDGET_BYTES", budget)
+        model, method, collator = fresh(smoke, "pegp")
+        assert len(pegp_module.layer_groups(method.layers, budget)) == (1 if budget > 1 else len(method.layers))
+        method.after_stage(1, model, samples["mcq"][:4], collator)
+        bases.append(method.state_dict())
+    assert bases[0].keys() == bases[1].keys()
+    for key in bases[0]:
+        torch.testing.assert_close(bases[0][key], bases[1][key])
+
+
+def test_b_side_threshold_and_energy_rule_are_recorded(smoke):
+    _, _, samples = smoke
+    fills = {}
+    for options in ({}, {"h_threshold": 0.5}, {"energy": "eigenvalue"}):
+        model, method, collator = fresh(smoke, "pegp", **options)
+        facts = method.after_stage(1, model, samples["mcq"], collator)
+        fills[tuple(options)] = facts["basis_fill"]
+        assert ("deviations" in facts) == bool(options)
+    default, separate, eigenvalue = fills[()], fills[("h_threshold",)], fills[("energy",)]
+    assert default["energy"] == "squared" and eigenvalue["energy"] == "eigenvalue"
+    assert separate["x_mean"] == default["x_mean"] and separate["h_mean"] < default["h_mean"]
+    assert eigenvalue["x_mean"] > default["x_mean"], "lambda spreads energy over more directions than lambda^2"
+    with pytest.raises(ConfigError, match="energy"):
+        build_method("pegp", {"energy": "singular"})
