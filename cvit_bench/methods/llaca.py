@@ -165,7 +165,8 @@ class Llaca(Method):
         beta, fell_back = balance_weights(norms, self.config.fallback_beta, self.config.beta_scope)
         # theta* += beta (theta - theta*), one scalar per tensor
         steps = torch._foreach_sub([p.to(torch.float32) for p in params], self.ema)
-        torch._foreach_add_(self.ema, torch._foreach_mul(steps, list(beta.unbind())))
+        torch._foreach_mul_(steps, list(beta.unbind()))  # in place: one float32 copy of the trainable weights, not two
+        torch._foreach_add_(self.ema, steps)
         self.previous_grads = [g.to(torch.float32, copy=True) for g in grads]
         self.norms.append(norms)
         self.betas.append(beta)
