@@ -43,7 +43,7 @@ class LlacaConfig(LoraMethodConfig):
     fallback_beta: float = option(0.01, "beta used when the formula leaves (0, 1) or has no previous gradient (paper's code: 0.01)")
     beta_scope: str = option("tensor", "'tensor': one beta per trainable tensor (paper's code); 'global': one beta per step from "
                                        "norms summed over all trainable tensors (a recorded deviation)")
-    projector_lr_scale: float = option(0.1, "projector lr relative to lr (paper: 2e-5 for the projector, 2e-4 for LoRA)")
+    projector_lr_scale: float = option(0.1, "projector lr relative to lr (paper: 2e-5 for the projector, 2e-4 for LoRA) unless projector_lr is set")
 
     def __post_init__(self) -> None:
         if self.beta_scope not in BETA_SCOPES:
@@ -144,11 +144,13 @@ class Llaca(Method):
         return model
 
     def parameter_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        """LoRA at the method's lr, the projector at ``projector_lr_scale`` of it (the paper's 2e-4 and 2e-5)."""
+        """LoRA at the method's lr, the projector at ``projector_lr_scale`` of it (the paper's 2e-4 and 2e-5),
+        or at the shared ``projector_lr`` option where the configuration has one set (a suite's recipe)."""
         lr = self.config.lr or lr
+        projector_lr = getattr(self.config, "projector_lr", None) or lr * self.config.projector_lr_scale
         groups = [
             {"params": [p for p, kind in zip(self.params, self.kinds) if kind != "projector"], "lr": lr},
-            {"params": [p for p, kind in zip(self.params, self.kinds) if kind == "projector"], "lr": lr * self.config.projector_lr_scale},
+            {"params": [p for p, kind in zip(self.params, self.kinds) if kind == "projector"], "lr": projector_lr},
         ]
         return [group for group in groups if group["params"]]
 
