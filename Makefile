@@ -5,6 +5,8 @@ SUITE ?= cvit-v2
 METHOD ?= seqlora
 JOBS ?= 2
 SEEDS ?= 0,1,2
+# Make targets keep the cache in the checkout (what `make clean` removes); an installed cvit-bench uses the user cache dir.
+export CVIT_BENCH_CACHE ?= $(CURDIR)/.cache
 
 .PHONY: install run test prepare report bench check leaderboard clean
 
