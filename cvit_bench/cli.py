@@ -105,6 +105,7 @@ def run(
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (instead of --seed): one run per method and seed"),
     jobs: int = typer.Option(1, min=1, help="runs of a sweep (several methods or seeds) executed at once, as child processes"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads per run (default: all cores, divided by --jobs in a sweep)"),
+    data_workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images ahead of each batch (0: in the run's own process)"),
     results_dir: Path = typer.Option(Path("results"), help="results are written to DIR/<suite>/<method>/<run-id>/"),
     model: Optional[str] = typer.Option(None, help="local checkpoint dir or hub id (default: the suite's embedded tiny LLaVA)"),
     data_root: Optional[Path] = typer.Option(None, help="root of LLaVA-format data for real suites"),
@@ -156,7 +157,7 @@ def run(
                           *(["--gradient-checkpointing"] if gradient_checkpointing else []),
                           *[arg for item in module_pattern for arg in ("--module-pattern", item)],
                           *(["--data-root", str(data_root)] if data_root else []), *(["--fresh"] if fresh else []),
-                          *(["--keep-checkpoint"] if keep_checkpoint else [])]
+                          *(["--keep-checkpoint"] if keep_checkpoint else []), "--data-workers", str(data_workers)]
                 _sweep(loaded, suite, methods, seed_list, results_dir, jobs, threads, extra, task_order, only_tasks)
                 return
             options = RunOptions(loaded, methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
@@ -165,6 +166,7 @@ def run(
                                  order=task_order, only=only_tasks[0] if only_tasks else None)
         if threads:
             options = dataclasses.replace(options, threads=threads)
+        options = dataclasses.replace(options, data_workers=data_workers)
         if not current_processes().is_main:  # under accelerate launch only the main process reports and writes
             run_suite(options, Reporter(), fresh=fresh, keep_checkpoint=keep_checkpoint)
             end_process_group()

@@ -65,6 +65,7 @@ class RunOptions:
     steps_per_task: int | None = None
     run_id: str | None = None
     threads: int | None = None  # torch threads; recorded so a resumed run uses the same (CPU sums depend on it)
+    data_workers: int = 0  # DataLoader processes decoding the coming batches' images; results do not depend on it (not recorded)
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     max_steps: int | None = None  # cap on every stage's optimizer steps (budgets on real models)
@@ -441,7 +442,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
     base_weights = {id(p) for p in base_model.parameters()}
     model = method.wrap_model(base_model, suite.task_names).to(processes.device)
     sharded = shard_frozen_weights(model, base_weights, processes) if processes.shard_frozen else 0
-    collator = Collator(processor, device=processes.device, dtype=dtype)
+    collator = Collator(processor, device=processes.device, dtype=dtype, workers=options.data_workers)
     plan = build_eval_plan(suite, data, collator, options.seed)
     task_names = suite.task_names
     stage_plan = method.stage_plan(task_names, steps_per_task or 0)

@@ -107,9 +107,9 @@ def train_stage(
     batches = method.training_batches(samples, config.batch_size, seed)
     window_loss = torch.zeros((), device=processes.device)
     last_loss, start, window_start = float("nan"), time.perf_counter(), time.perf_counter()
-    for step in range(1, steps + 1):
-        chunk = processes.share(next(batches))
-        window_loss += train_step(model, method, chunk, collator.train_batch(chunk), optimizer, scheduler, trainable,
+    chunks = [processes.share(next(batches)) for _ in range(steps)]  # drawn ahead, so a DataLoader can decode ahead
+    for step, (chunk, images) in enumerate(collator.with_images(chunks), start=1):
+        window_loss += train_step(model, method, chunk, collator.train_batch(chunk, images), optimizer, scheduler, trainable,
                                   config.max_grad_norm, processes)
         if step % log_every == 0 or step == steps:
             window = step % log_every or log_every
