@@ -343,6 +343,29 @@ def validate(
 
 
 @app.command()
+def convert(
+    suite: str = typer.Argument(..., help="real suite whose released files to convert: coin, smolora-cvit, ucit (or a suite YAML)"),
+    src: Path = typer.Argument(..., help="the release as downloaded: each task's folder (as the suite's `data:` names it) and the image folder"),
+    dst: Path = typer.Argument(..., help="where the converted files go; pass it as --data-root to validate and run"),
+) -> None:
+    """Rewrite released annotation and question files as the harness's records (instruction cut from the question; answers, options, boxes kept)."""
+    from cvit_bench.data.convert import convert_suite
+    from cvit_bench.suites.schema import RealSuite
+
+    try:
+        loaded = load_suite(suite)
+        if not isinstance(loaded, RealSuite):
+            raise ConfigError(f"convert: {loaded.name} is a synthetic suite; convert reads the releases of real (llava) suites")
+        reports = convert_suite(loaded, src, dst)
+    except (*USER_ERRORS, OSError) as error:
+        fail(error)
+    for item in reports:
+        console.print(("[yellow]" if item.unframed else "") + item.describe(), highlight=False, soft_wrap=True)
+    console.print(f"[green]converted[/] {sum(r.records for r in reports)} records; check them with "
+                  f"`cvit-bench validate {suite} --data-root {dst}`", highlight=False)
+
+
+@app.command()
 def report(
     results_dir: Path = typer.Option(Path("results"), help="where run directories are"),
     out_dir: Path = typer.Option(Path("leaderboards"), help="where leaderboard CSVs and heatmaps go"),
