@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cvit_bench.data.llava_format import DataError
@@ -40,3 +41,13 @@ def test_an_unreadable_image_fails_with_its_path(tmp_path):
     broken.write_bytes(b"not a png")
     with pytest.raises(DataError, match="broken.png: cannot read image"):
         list(with_images([[sample(broken)]], 0))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loading_leaves_the_global_random_state_alone(images, workers):
+    """Results must not depend on how images are loaded: adapter initialisation and dropout draw from the global RNG."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    list(with_images([[sample(images[0])]], workers))
+    assert torch.equal(torch.rand(3), expected)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -36,5 +37,8 @@ def _as_is(images: list[Image.Image]) -> list[Image.Image]:
 
 def with_images(batches: Sequence[Sequence[Sample]], workers: int = 0) -> Iterator[tuple[Sequence[Sample], list[Image.Image]]]:
     """Each batch with its decoded images, in order; ``workers`` > 0 decodes ahead in that many processes."""
-    loader = DataLoader(BatchImages(batches), batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is)
+    # Its own generator: a DataLoader draws its workers' base seed from the global torch RNG otherwise, which would
+    # shift every later random draw (adapter initialisation, dropout) and so the results.
+    loader = DataLoader(BatchImages(batches), batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
+                        generator=torch.Generator())
     return zip(batches, loader)
