@@ -5,6 +5,8 @@ SUITE ?= cvit-v2
 METHOD ?= seqlora
 JOBS ?= 2
 SEEDS ?= 0,1,2
+# Make targets keep the cache in the checkout (what `make clean` removes); an installed cvit-bench uses the user cache dir.
+export CVIT_BENCH_CACHE ?= $(CURDIR)/.cache
 
 .PHONY: install run test prepare report bench check leaderboard clean
 
@@ -14,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # the CPU build; a bare `torch` pulls a multi-GB CUDA build
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,smolora]'
 	touch $@
 
 run: install

@@ -105,6 +105,7 @@ def run(
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (instead of --seed): one run per method and seed"),
     jobs: int = typer.Option(1, min=1, help="runs of a sweep (several methods or seeds) executed at once, as child processes"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads per run (default: all cores, divided by --jobs in a sweep)"),
+    data_workers: int = typer.Option(0, min=0, help="DataLoader worker processes decoding images ahead of each batch (0: in the run's own process)"),
     results_dir: Path = typer.Option(Path("results"), help="results are written to DIR/<suite>/<method>/<run-id>/"),
     model: Optional[str] = typer.Option(None, help="local checkpoint dir or hub id (default: the suite's embedded tiny LLaVA)"),
     data_root: Optional[Path] = typer.Option(None, help="root of LLaVA-format data for real suites"),
@@ -162,7 +163,7 @@ def run(
                           *(["--data-root", str(data_root)] if data_root else []), *(["--fresh"] if fresh else []),
                           *(["--keep-checkpoint"] if keep_checkpoint else []), *(["--save-adapters"] if save_adapters else []),
                           *(["--batch-size", str(batch_size)] if batch_size else []), *(["--grad-accum", str(grad_accum)] if grad_accum > 1 else []),
-                          *(["--mixed-precision", mixed_precision] if mixed_precision else [])]
+                          *(["--mixed-precision", mixed_precision] if mixed_precision else []), "--data-workers", str(data_workers)]
                 _sweep(loaded, suite, methods, seed_list, results_dir, jobs, threads, extra, task_order, only_tasks)
                 return
             options = RunOptions(loaded, methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
@@ -173,6 +174,7 @@ def run(
                                  save_adapters=save_adapters)
         if threads:
             options = dataclasses.replace(options, threads=threads)
+        options = dataclasses.replace(options, data_workers=data_workers)
         if not current_processes().is_main:  # under accelerate launch only the main process reports and writes
             run_suite(options, Reporter(), fresh=fresh, keep_checkpoint=keep_checkpoint)
             end_process_group()
@@ -368,6 +370,29 @@ def validate(
     console.print(format_report(loaded, root, missing), highlight=False, soft_wrap=True)
     if missing:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def convert(
+    suite: str = typer.Argument(..., help="real suite whose released files to convert: coin, smolora-cvit, ucit (or a suite YAML)"),
+    src: Path = typer.Argument(..., help="the release as downloaded: each task's folder (as the suite's `data:` names it) and the image folder"),
+    dst: Path = typer.Argument(..., help="where the converted files go; pass it as --data-root to validate and run"),
+) -> None:
+    """Rewrite released annotation and question files as the harness's records (instruction cut from the question; answers, options, boxes kept)."""
+    from cvit_bench.data.convert import convert_suite
+    from cvit_bench.suites.schema import RealSuite
+
+    try:
+        loaded = load_suite(suite)
+        if not isinstance(loaded, RealSuite):
+            raise ConfigError(f"convert: {loaded.name} is a synthetic suite; convert reads the releases of real (llava) suites")
+        reports = convert_suite(loaded, src, dst)
+    except (*USER_ERRORS, OSError) as error:
+        fail(error)
+    for item in reports:
+        console.print(("[yellow]" if item.unframed else "") + item.describe(), highlight=False, soft_wrap=True)
+    console.print(f"[green]converted[/] {sum(r.records for r in reports)} records; check them with "
+                  f"`cvit-bench validate {suite} --data-root {dst}`", highlight=False)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Where cached data and base checkpoints live (``CVIT_BENCH_CACHE`` overrides)."""
+"""Where cached data and base checkpoints live: the user's cache directory unless ``CVIT_BENCH_CACHE`` names one."""
 from __future__ import annotations
 
 import hashlib
@@ -6,11 +6,21 @@ import json
 import os
 from pathlib import Path
 
-from cvit_bench.suites.schema import REPO_ROOT
+CACHE_ENV = "CVIT_BENCH_CACHE"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CVIT_BENCH_CACHE", REPO_ROOT / ".cache"))
+    """``$CVIT_BENCH_CACHE``, else the platform's user cache folder (``~/.cache/cvit-bench`` on Linux).
+
+    Never a folder next to the code: an installed package's folder is site-packages. The
+    Makefile sets ``CVIT_BENCH_CACHE`` to the checkout's ``.cache/`` (what ``make clean`` removes).
+    """
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override)
+    import platformdirs  # only needed without the override (tests and make targets always set it)
+
+    return Path(platformdirs.user_cache_dir("cvit-bench", appauthor=False))
 
 
 def config_hash(obj: object, length: int = 16) -> str:

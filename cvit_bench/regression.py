@@ -20,9 +20,9 @@ import yaml
 from cvit_bench.io import atomic_write_text
 from cvit_bench.registry import ConfigError
 from cvit_bench.suites.orders import TaskOrder
-from cvit_bench.suites.schema import REPO_ROOT
+from cvit_bench.resources import CHECKS, shipped
 
-CHECKS_DIR = REPO_ROOT / "checks"
+CHECKS_DIR = shipped(CHECKS)
 CHECK_METRICS = ("AP", "MAP", "MFT", "BWT", "MIF", "IF-AP", "unseen_AP", "heldout_AP", "final_loss")
 # The narrowest band half-width per metric: points for scores, nats for the loss. Keeps a metric
 # that happens to agree across the recorded seeds from failing on an unrelated machine's rounding.

@@ -71,6 +71,7 @@ class RunOptions:
     steps_per_task: int | None = None
     run_id: str | None = None
     threads: int | None = None  # torch threads; recorded so a resumed run uses the same (CPU sums depend on it)
+    data_workers: int = 0  # DataLoader processes decoding the coming batches' images; results do not depend on it (not recorded)
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     max_steps: int | None = None  # cap on every stage's optimizer steps (budgets on real models)
@@ -678,7 +679,7 @@ def build_run_model(options: RunOptions, method: Method, data: SuiteData, model_
     model = method.wrap_model(base_model, options.suite.task_names).to(processes.device)
     fp32_trained_weights(model)
     sharded = shard_frozen_weights(model, base_weights, processes) if processes.shard_frozen else 0
-    collator = Collator(processor, device=processes.device, dtype=dtype)
+    collator = Collator(processor, device=processes.device, dtype=dtype, workers=options.data_workers)
     return model, collator, build_eval_plan(options.suite, data, collator, options.seed), sharded
 
 

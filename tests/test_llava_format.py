@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cvit_bench.data.llava_format import DataError, read_llava_json
-from cvit_bench.data.samples import ImageCache
+from cvit_bench.data.samples import load_image
 
 
 def make_dataset(tmp_path, image="images/a.png", human="<image>\nWhat colour?", **extra):
@@ -86,4 +86,4 @@ def test_corrupt_image_fails_with_its_path(tmp_path):
     path = tmp_path / "corrupt.png"
     path.write_bytes(b"not a png")
     with pytest.raises(DataError, match="corrupt.png: cannot read image"):
-        ImageCache()(path)
+        load_image(path)

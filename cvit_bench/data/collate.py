@@ -7,12 +7,14 @@ token boundary it will see when generating after the prompt.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-from cvit_bench.data.samples import ImageCache, Sample
+from cvit_bench.data.loading import with_images
+from cvit_bench.data.samples import Sample, load_image
 
 # Processor outputs with one entry per input token (Qwen2-VL marks image tokens in mm_token_type_ids).
 TOKEN_ALIGNED = ("token_type_ids", "mm_token_type_ids")
@@ -29,13 +31,17 @@ def chat_messages(sample: Sample) -> list[dict[str, Any]]:
 
 
 class Collator:
-    """Batches on the model's device; floating-point inputs (pixels) in the model's dtype, as the vision tower expects."""
+    """Batches on the model's device; floating-point inputs (pixels) in the model's dtype, as the vision tower expects.
 
-    def __init__(self, processor: Any, images: ImageCache | None = None, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+    ``workers``: DataLoader processes that decode the images of the coming batches (``with_images``).
+    A batch built without its images decodes them itself (one-off passes: Fisher, routing, bases).
+    """
+
+    def __init__(self, processor: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 workers: int = 0) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.images = images or ImageCache()
+        self.workers = workers
         self.device = torch.device(device)
         self.dtype = dtype
         self._prompt_cache: dict[tuple, str] = {}
@@ -55,13 +61,18 @@ class Collator:
             self._prompt_cache[key] = text
         return text
 
-    def _encode_prompts(self, samples: list[Sample], **kwargs) -> dict[str, Any]:
-        images = [self.images(turn.image) for s in samples for turn in s.turns]
+    def with_images(self, batches: Sequence[list[Sample]]) -> Iterator[tuple[list[Sample], list[Image.Image]]]:
+        """Each batch with its images, decoded ahead by ``workers`` processes."""
+        return with_images(batches, self.workers)
+
+    def _encode_prompts(self, samples: list[Sample], images: list[Image.Image] | None, **kwargs) -> dict[str, Any]:
+        if images is None:
+            images = [load_image(turn.image) for s in samples for turn in s.turns]
         return self.processor(images=images, text=[self.prompt_text(s) for s in samples], **kwargs)
 
-    def train_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+    def train_batch(self, samples: list[Sample], images: list[Image.Image] | None = None) -> dict[str, torch.Tensor]:
         """input_ids/attention_mask/labels (right padded, loss only on target + EOS) and pixel_values."""
-        encoded = self._encode_prompts(samples)
+        encoded = self._encode_prompts(samples, images)
         eos = self.tokenizer.eos_token_id
         sequences, label_rows = [], []
         for prompt_ids, sample in zip(encoded["input_ids"], samples):
@@ -88,10 +99,10 @@ class Collator:
                 batch[key] = torch.as_tensor(np.asarray(value))
         return self._placed(batch)
 
-    def generation_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+    def generation_batch(self, samples: list[Sample], images: list[Image.Image] | None = None) -> dict[str, torch.Tensor]:
         """Left-padded prompts so every row's generation starts at the same position."""
         self.tokenizer.padding_side = "left"
-        return self._placed(self._encode_prompts(samples, padding=True, return_tensors="pt"))
+        return self._placed(self._encode_prompts(samples, images, padding=True, return_tensors="pt"))
 
     def target_length(self, samples: list[Sample]) -> int:
         """Longest reference reply in tokens (used to bound generation length)."""

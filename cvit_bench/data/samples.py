@@ -110,19 +110,14 @@ def phrase_all(
     return samples
 
 
-class ImageCache:
-    """Loads each image once (RGB); a corrupt or unreadable file fails with its path."""
+def load_image(path: Path) -> Image.Image:
+    """Decode one image as RGB; a corrupt or unreadable file fails with its path.
 
-    def __init__(self) -> None:
-        self._images: dict[Path, Image.Image] = {}
-
-    def __call__(self, path: Path) -> Image.Image:
-        image = self._images.get(path)
-        if image is None:
-            try:
-                with Image.open(path) as opened:
-                    image = opened.convert("RGB")
-            except (OSError, UnidentifiedImageError) as error:
-                raise DataError(f"{path}: cannot read image ({error})") from None
-            self._images[path] = image
-        return image
+    Nothing is kept: images are decoded per batch (see ``data/loading.py``), so host memory
+    does not grow with the dataset.
+    """
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise DataError(f"{path}: cannot read image ({error})") from None

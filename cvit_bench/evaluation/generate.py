@@ -53,11 +53,11 @@ def generate(
         synced = {"synced_gpus": True}
         n = lockstep.batches
         chunks = [order[i * len(order) // n : (i + 1) * len(order) // n] for i in range(n)]
+    batches = [[samples[i] for i in indices] or [lockstep.filler] for indices in chunks]
     # FSDP gathers sharded weights into buffers that training reuses, which inference tensors cannot be.
     with torch.no_grad() if lockstep is not None else torch.inference_mode():
-        for indices in chunks:
-            chunk = [samples[i] for i in indices] or [lockstep.filler]
-            batch = collator.generation_batch(chunk)
+        for indices, (chunk, images) in zip(chunks, collator.with_images(batches)):
+            batch = collator.generation_batch(chunk, images)
             with (batch_context or _no_context)(chunk, batch):
                 output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, **synced)
             if not indices:

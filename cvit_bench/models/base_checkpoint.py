@@ -33,6 +33,7 @@ from cvit_bench.models.vision_pretrain import pretrain_vision
 from cvit_bench.models.tiny import TinyLlavaConfig, build_model, build_processor, save_tiny, train_tokenizer
 from cvit_bench.io import atomic_write_json, read_json
 from cvit_bench.paths import cache_dir, config_hash, tree_hash
+from cvit_bench.resources import BASES, shipped
 from cvit_bench.suites import synthetic
 from cvit_bench.suites.materialize import PRETRAIN_TASK, SuiteData, materialize_pretrain_corpus, pretrain_corpus_recipe
 from cvit_bench.suites.schema import TEMPLATES_DIR, Phrasing, Suite, SuiteError, TrainingConfig
@@ -44,7 +45,7 @@ PLAIN = Phrasing("pretrain/plain", "{question}", "sentence")
 # thread, a plain run, a test), so every run of a suite starts from the same weights. 2 is what
 # the committed leaderboards' base was built with (and twice as fast as 1 on the tiny model).
 BUILD_THREADS = 2
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "bases"
+SHIPPED_DIR = shipped(BASES)
 MANIFEST = "base.json"
 WEIGHTS = "model.safetensors"
 

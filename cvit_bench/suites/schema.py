@@ -16,10 +16,11 @@ from typing import Any
 import yaml
 
 from cvit_bench.registry import unknown_name_message
+from cvit_bench.resources import SUITES, TEMPLATES, shipped
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SUITES_DIR = REPO_ROOT / "task_suites"
-TEMPLATES_DIR = REPO_ROOT / "instruction_templates"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the source checkout (its git commit is recorded); not where shipped files live
+SUITES_DIR = shipped(SUITES)
+TEMPLATES_DIR = shipped(TEMPLATES)
 INSTRUCTION_SETTINGS = ("single", "multi")
 DATA_SOURCES = ("synthetic", "llava")
 SIDE_SET_SCHEDULES = ("every_stage", "ends")

@@ -111,6 +111,16 @@ def micro_batches(chunk: list[Sample], grad_accum: int) -> list[list[Sample]]:
     return [chunk[start:end] for start, end in zip(bounds, bounds[1:])]
 
 
+def _split_images(parts: list[list[Sample]], images: list) -> list[tuple[list[Sample], list]]:
+    """Each micro-batch with its own images (a batch's images come one per turn, in sample order)."""
+    paired, start = [], 0
+    for part in parts:
+        count = sum(len(sample.turns) for sample in part)
+        paired.append((part, images[start : start + count]))
+        start += count
+    return paired
+
+
 def train_step(model: nn.Module, method, micro: list[tuple[list[Sample], dict[str, torch.Tensor]]], optimizer, scheduler, trainable,
                max_grad_norm: float, processes: Processes = Processes(), precision: Precision = Precision(),
                scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
@@ -178,8 +188,9 @@ def train_stage(
     batches = method.training_batches(samples, config.batch_size, seed)
     window_loss = torch.zeros((), device=processes.device)
     last_loss, start, window_start = float("nan"), time.perf_counter(), time.perf_counter()
-    for step in range(1, steps + 1):
-        micro = [(part, collator.train_batch(part)) for part in micro_batches(processes.share(next(batches)), grad_accum)]
+    chunks = [processes.share(next(batches)) for _ in range(steps)]  # drawn ahead, so a DataLoader can decode ahead
+    for step, (chunk, images) in enumerate(collator.with_images(chunks), start=1):
+        micro = [(part, collator.train_batch(part, part_images)) for part, part_images in _split_images(micro_batches(chunk, grad_accum), images)]
         window_loss += train_step(model, method, micro, optimizer, scheduler, trainable, config.max_grad_norm, processes,
                                   precision, scaler)
         if step % log_every == 0 or step == steps:
