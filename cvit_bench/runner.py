@@ -317,6 +317,10 @@ def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_h
     suite = _setup_only(json.loads(json.dumps(dataclasses.asdict(options.suite), default=str)))
     if not suite["method_defaults"]:  # suites from before method defaults keep their config hash
         del suite["method_defaults"]
+    for task in suite["tasks"] + suite["unseen"]:  # chance and ceiling came later: left out where not declared
+        for key in ("chance", "ceiling"):
+            if task[key] is None:
+                del task[key]
     later = EvaluationConfig.ADDED_LATER
     suite["evaluation"] = {key: value for key, value in suite["evaluation"].items() if not (key in later and later[key] == value)}
     return to_jsonable({

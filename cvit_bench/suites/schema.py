@@ -21,6 +21,7 @@ TEMPLATES_DIR = REPO_ROOT / "instruction_templates"
 INSTRUCTION_SETTINGS = ("single", "multi")
 DATA_SOURCES = ("synthetic", "llava")
 SIDE_SET_SCHEDULES = ("every_stage", "ends")
+DEFAULT_CEILING = 100.0  # a perfect accuracy; CIDEr has no fixed maximum, so its tasks declare a ceiling
 
 
 class SuiteError(ValueError):
@@ -63,6 +64,15 @@ class TaskSpec:
     test_size: int = 0
     shots: tuple[int, ...] = (0,)
     data: str | None = None  # real suites: folder (relative to --data-root) holding train.json / test.json
+    # What an image-blind constant reply scores and the best attainable score, on the task's own scale; they map the
+    # task onto 0..100 for nAP. Optional (None: not declared; a run's config leaves them out, so older hashes stay).
+    chance: float | None = None
+    ceiling: float | None = None
+
+    @property
+    def nap_ceiling(self) -> float:
+        """The declared ceiling, else a perfect score (100); CIDEr tasks must declare theirs."""
+        return DEFAULT_CEILING if self.ceiling is None else self.ceiling
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,7 @@ _TOP_KEYS = {"name", "description", "data", "model", "instruction_setting", "tra
              "method_defaults"}
 ORDER_NAME = re.compile(r"[a-z0-9_-]+")
 DEFAULT_ORDER = "default"  # the listed order's name in leaderboards; a suite may declare it only as the listed order
-_TASK_KEYS = {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data", "obtain"}
+_TASK_KEYS = {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data", "obtain", "chance", "ceiling"}
 _NOT_COMPUTED_KEYS = {"name", "reason"}
 _TEMPLATE_KEYS = {"task_type", "train", "heldout"}
 _PHRASING_KEYS = {"prompt", "contract"}
@@ -260,6 +270,28 @@ def _relative_folder(where: str, value: Any, problems: list[str]) -> str | None:
     return value
 
 
+def _number_or_none(where: str, value: Any, problems: list[str]) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        problems.append(f"{where}: expected a non-negative number, got {value!r}")
+        return None
+    return float(value)
+
+
+def _chance_and_ceiling(where: str, entry: dict, scorer: Any, problems: list[str]) -> dict[str, float | None]:
+    """The optional ``chance`` and ``ceiling`` of a task; a CIDEr task that declares chance must declare its ceiling."""
+    from cvit_bench.evaluation.scoring import CORPUS_SCORERS
+
+    chance = _number_or_none(f"{where}.chance", entry.get("chance"), problems)
+    ceiling = _number_or_none(f"{where}.ceiling", entry.get("ceiling"), problems)
+    if chance is not None and ceiling is None and scorer in CORPUS_SCORERS:
+        problems.append(f"{where}.ceiling: a {scorer} task that declares chance needs a ceiling (CIDEr has no fixed maximum)")
+    if chance is not None and chance >= (DEFAULT_CEILING if ceiling is None else ceiling):
+        problems.append(f"{where}.chance: {chance} must be below the ceiling ({DEFAULT_CEILING if ceiling is None else ceiling})")
+    return {"chance": chance, "ceiling": ceiling}
+
+
 def _load_task(where: str, entry: Any, data_source: str, problems: list[str], templates_dir: Path | None) -> TaskSpec | None:
     from cvit_bench.evaluation.scoring import CORPUS_SCORERS, SAMPLE_SCORERS
 
@@ -293,13 +325,14 @@ def _load_task(where: str, entry: Any, data_source: str, problems: list[str], te
     if not isinstance(shots, list) or not all(isinstance(s, int) and s >= 0 for s in shots):
         problems.append(f"{where}.shots: expected a list of non-negative integers")
         shots = [0]
+    bounds = _chance_and_ceiling(where, entry, scorer, problems)
     # Real test sets are evaluated whole unless capped; generated ones need a size.
     test_size = _positive_int(f"{where}.test_size", entry.get("test_size", 0 if real else 1), problems, allow_zero=real)
     if not real:
         train_size = _positive_int(f"{where}.train_size", entry.get("train_size", 0), problems, allow_zero=True)
         if template is None:
             return None
-        return TaskSpec(name, str(kind), template, str(scorer), train_size, test_size, tuple(shots), entry.get("data"))
+        return TaskSpec(name, str(kind), template, str(scorer), train_size, test_size, tuple(shots), entry.get("data"), **bounds)
     if "train_size" in entry:
         problems.append(f"{where}.train_size: real (llava) suites train on all of train.json; remove it")
     folder = _relative_folder(f"{where}.data", entry.get("data"), problems)
@@ -308,7 +341,7 @@ def _load_task(where: str, entry: Any, data_source: str, problems: list[str], te
         problems.append(f"{where}.obtain: expected a string saying how to get the data, got {obtain!r}")
     if template is None or folder is None:
         return None
-    return RealTaskSpec(name, str(kind), template, str(scorer), 0, test_size, tuple(shots), folder, obtain=str(obtain))
+    return RealTaskSpec(name, str(kind), template, str(scorer), 0, test_size, tuple(shots), folder, **bounds, obtain=str(obtain))
 
 
 def _load_not_computed(where: str, raw: Any, problems: list[str]) -> tuple[NotComputed, ...]:
