@@ -316,10 +316,13 @@ def validate(
     """Check a suite and its instruction templates; for real suites also the data files. Reports every problem with file and field."""
     from cvit_bench.suites.availability import check_data, format_report
     from cvit_bench.suites.materialize import resolve_data_root
-    from cvit_bench.suites.schema import RealSuite
+    from cvit_bench.suites.schema import RealSuite, heldout_repeats
 
     try:
         loaded = load_suite(suite)
+        repeats = heldout_repeats(loaded)
+        if repeats:
+            raise SuiteError(repeats)
     except SuiteError as error:
         console.print(f"[bold red]{len(error.problems)} problem(s):[/]")
         for problem in error.problems:

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cvit_bench.cli import app
 from cvit_bench.registry import Registry, UnknownNameError
-from cvit_bench.suites.schema import SUITES_DIR, TEMPLATES_DIR, SuiteError, load_suite, load_templates, suite_names
+from cvit_bench.suites.schema import SUITES_DIR, TEMPLATES_DIR, SuiteError, heldout_repeats, load_suite, load_templates, suite_names
 
 runner = CliRunner()
 
@@ -90,7 +90,18 @@ def test_validate_command_reports_problems_and_exit_code(tmp_path):
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 1
     assert "training.steps_per_task" in result.output
-    assert runner.invoke(app, ["validate", "cvit-v1"]).exit_code == 0
+    assert runner.invoke(app, ["validate", "cvit-v2"]).exit_code == 0
+
+
+def test_validate_refuses_a_heldout_phrasing_that_a_task_trains_on():
+    # cvit-v1 (frozen) has three: ocr and classify held-out[1] are relation's train[0], vqa held-out[1] is ocr's.
+    result = runner.invoke(app, ["validate", "cvit-v1"])
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "3 problem(s)" in text
+    assert "ocr.yaml: heldout[1].prompt: equals a training phrasing of task relation" in text and "relation.yaml: train[0]" in text
+    assert "vqa.yaml: heldout[1].prompt: equals a training phrasing of task ocr" in text
+    assert not heldout_repeats(load_suite("cvit-v2"))
 
 
 def test_ls_lists_suites_methods_and_scorers():

@@ -414,6 +414,28 @@ def _load_method_defaults(where: str, raw: Any, problems: list[str]) -> dict[str
     return defaults
 
 
+def heldout_repeats(suite: Suite) -> list[str]:
+    """Held-out phrasings of the suite's training tasks that equal a phrasing the suite trains (any task), as problems.
+
+    A held-out phrasing measures robustness to instructions the model has not seen; one that another
+    task trains on measures nothing of the kind (cvit-v1 has three). Prompts compare with runs of
+    whitespace collapsed. ``validate`` refuses such a suite; loading it still works, so published
+    suites stay runnable.
+    """
+    trained: dict[str, str] = {}
+    for task in suite.tasks:
+        for i, phrasing in enumerate(task.template.training_phrasings(suite.instruction_setting)):
+            trained.setdefault(" ".join(phrasing.prompt.split()), f"task {task.name} ({task.template.path}: train[{i}])")
+    problems = []
+    for task in suite.tasks:
+        for i, phrasing in enumerate(task.template.heldout):
+            source = trained.get(" ".join(phrasing.prompt.split()))
+            if source is not None:
+                problems.append(f"{task.template.path}: heldout[{i}].prompt: equals a training phrasing of {source}; "
+                                "a held-out phrasing must be one no task trains on")
+    return problems
+
+
 def resolve_suite_path(name_or_path: str) -> Path:
     """A registered suite name (``cvit-v1``) or a path to a YAML file."""
     candidate = Path(name_or_path)
