@@ -51,6 +51,7 @@ from cvit_bench.training.loop import NonFiniteLossError, train_stage
 MATRIX_KINDS = ("vu", "if", "strict")
 TOP_REPLY = "top_reply"  # share of a cell's samples given its most frequent reply: a constant answer shows as ~1
 INTERVAL_KINDS = {"vu": ("vu_low", "vu_high"), "if": ("if_low", "if_high")}  # each cell's 95 % bootstrap interval over items
+TRACKED_KINDS = (*MATRIX_KINDS, TOP_REPLY, *(bound for bounds in INTERVAL_KINDS.values() for bound in bounds))  # per cell, in a run
 BACKEND_OPTIONS = ("dtype", "gradient_checkpointing", "max_steps", "module_patterns", "epochs_per_task")  # recorded only when not at their defaults
 REQUEST_FILE = "run_request.json"  # the options a run was started with, so `--resume RUN_DIR` needs nothing else
 
@@ -309,7 +310,7 @@ class Progress:
     def from_json(cls, state: dict[str, Any], predictions: list[dict]) -> Progress:
         matrices = {g: {k: np.asarray(m, dtype=float) for k, m in kinds.items()} for g, kinds in state["matrices"].items()}
         for kinds in matrices.values():  # checkpoints written before the share or the intervals were recorded
-            for kind in (TOP_REPLY, *(k for pair in INTERVAL_KINDS.values() for k in pair)):
+            for kind in TRACKED_KINDS:
                 kinds.setdefault(kind, np.full_like(kinds["vu"], np.nan))
         fields = {f.name for f in dataclasses.fields(cls)} - {"matrices", "predictions", "trained"}
         return cls(matrices=matrices, predictions=predictions, trained=set(state["trained"]), **{k: state[k] for k in fields})
@@ -456,8 +457,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
 
     if checkpoint is None:
         n_rows = len(task_names) + 1
-        kinds = (*MATRIX_KINDS, TOP_REPLY, *(k for pair in INTERVAL_KINDS.values() for k in pair))
-        progress = Progress({g: {k: np.full((n_rows, len(sets)), np.nan) for k in kinds} for g, sets in plan.groups().items()})
+        progress = Progress({g: {k: np.full((n_rows, len(sets)), np.nan) for k in TRACKED_KINDS} for g, sets in plan.groups().items()})
         progress.trained = trainable_names(model)
         progress.started = datetime.now(timezone.utc).isoformat()
     else:
