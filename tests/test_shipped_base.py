@@ -142,5 +142,5 @@ def test_a_single_task_run_trains_one_task_and_suite_defaults_reach_the_method()
     options = RunOptions(suite, "seqlora", 0, Path("results"), only="ocr")
     assert options.suite.task_names == ["ocr"] and options.suite.unseen == ()
     assert options.run_dir.name == "seed0-only-ocr" and options.request()["only"] == "ocr"
-    assert build_method("seqlora", {}, suite.method_defaults["seqlora"]).config.lr == 0.006
+    assert build_method("seqlora", {}, suite.method_defaults["seqlora"]).config.lr == 0.003
     assert build_method("seqlora", {"lr": 0.001}, suite.method_defaults["seqlora"]).config.lr == 0.001  # --option wins

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cvit_bench.data.llava_format import DataError, Record, read_llava_json
 from cvit_bench.paths import cache_dir, config_hash, tree_hash
-from cvit_bench.suites import base_corpus, synthetic
+from cvit_bench.suites import base_corpus, synthetic, tasks_v2
 from cvit_bench.suites.availability import check_data, format_report, image_root, required_files, task_folder
 from cvit_bench.suites.schema import RealSuite, Suite, TaskSpec
 
@@ -70,8 +70,9 @@ def resolve_data_root(data_root: Path | None) -> Path | None:
 
 def _generator_fingerprint(kinds: set[str]) -> str:
     """Hash of the generator source a plan uses: ``synthetic.py`` alone (cvit-v1's recipe, unchanged) plus
-    ``base_corpus.py`` for plans that draw the cvit-v2 base corpus."""
+    ``base_corpus.py`` for plans that draw the cvit-v2 base corpus and ``tasks_v2.py`` for cvit-v2's own kinds."""
     sources = [synthetic.__file__] + ([base_corpus.__file__] if base_corpus.KIND in kinds else [])
+    sources += [tasks_v2.__file__] if tasks_v2.KIND_MCQ in kinds else []
     return hashlib.sha256(b"".join(Path(source).read_bytes() for source in sources)).hexdigest()[:16]
 
 

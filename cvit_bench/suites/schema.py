@@ -305,7 +305,7 @@ def _load_task(where: str, entry: Any, data_source: str, problems: list[str], te
         return None
     real = data_source == "llava"
     if not real:
-        from cvit_bench.suites.synthetic import TASK_KINDS
+        from cvit_bench.suites.tasks_v2 import TASK_KINDS
 
         if kind not in TASK_KINDS:
             problems.append(f"{where}.kind: {unknown_name_message('task kind', str(kind), list(TASK_KINDS))}")
