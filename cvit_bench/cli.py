@@ -1,4 +1,4 @@
-"""Command line: ``cvit-bench run | eval | prepare | ls | validate | report | bench | check``."""
+"""Command line: ``cvit-bench run | eval | prepare | ls | validate | convert | chance | report | bench | check``."""
 from __future__ import annotations
 
 import dataclasses
@@ -348,10 +348,13 @@ def validate(
     """Check a suite and its instruction templates; for real suites also the data files. Reports every problem with file and field."""
     from cvit_bench.suites.availability import check_data, format_report
     from cvit_bench.suites.materialize import resolve_data_root
-    from cvit_bench.suites.schema import RealSuite
+    from cvit_bench.suites.schema import RealSuite, heldout_repeats
 
     try:
         loaded = load_suite(suite)
+        repeats = heldout_repeats(loaded)
+        if repeats:
+            raise SuiteError(repeats)
     except SuiteError as error:
         console.print(f"[bold red]{len(error.problems)} problem(s):[/]")
         for problem in error.problems:
@@ -393,6 +396,38 @@ def convert(
         console.print(("[yellow]" if item.unframed else "") + item.describe(), highlight=False, soft_wrap=True)
     console.print(f"[green]converted[/] {sum(r.records for r in reports)} records; check them with "
                   f"`cvit-bench validate {suite} --data-root {dst}`", highlight=False)
+
+
+@app.command()
+def chance(
+    suite: str = typer.Option("cvit-v2", help="suite name or path to a suite YAML"),
+    seeds: str = typer.Option("0,1,2", help="data seeds; chance and ceilings are the maximum over them"),
+) -> None:
+    """Measure each task's image-blind chance (the best constant reply's test score) and CIDEr ceiling; exit 1 where the
+    suite declares other values."""
+    from cvit_bench.evaluation.chance import measure_chance
+
+    try:
+        loaded = load_suite(suite)
+        with console.status(f"scoring constant replies on {loaded.name}"):
+            rows = measure_chance(loaded, _parse_seeds(seeds))
+    except (*USER_ERRORS, OSError) as error:
+        fail(error)
+    table = Table("task", "scorer", "chance", "declared", "best constant reply", "ceiling", "declared", "",
+                  title=f"chance of {loaded.name} (seeds {seeds})")
+    for row in rows:
+        problems = row.mismatches()
+        table.add_row(row.task, row.scorer, f"{row.chance:.1f}", _declared(row.declared_chance), repr(row.best_reply)[:40],
+                      "-" if row.ceiling is None else f"{row.ceiling:.1f}", _declared(row.declared_ceiling),
+                      "[red]" + "; ".join(problems) + "[/]" if problems else "[green]ok[/]")
+    print_table(table)
+    if any(row.mismatches() for row in rows):
+        console.print(f"[bold red]declared values differ[/]: set them in {loaded.path}")
+        raise typer.Exit(code=1)
+
+
+def _declared(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 @app.command()

@@ -9,7 +9,7 @@ their own scales (accuracy, CIDEr), so AP over mixed tasks mixes scales, as the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -79,23 +79,72 @@ def continual_metrics(matrix: np.ndarray | list) -> dict[str, float]:
 
 
 def instruction_following_metrics(
-    seen_if: np.ndarray | list, unseen_if: np.ndarray | list | None = None
+    seen_if: np.ndarray | list, unseen_if: np.ndarray | list | None = None, unseen_datasets: Sequence[str] | None = None
 ) -> dict[str, float]:
     """MIF and the AP/MAP/BWT formulas applied to the seen-task instruction-following matrix.
 
     MIF follows SMoLoRA's code: the final model's IF rate averaged over every evaluated dataset,
-    seen and unseen alike (each dataset counts once, not each group).
+    seen and unseen alike. Each dataset counts once: unseen columns of one dataset (``unseen_datasets``
+    names each column's; scene's 0- and 5-shot columns) are averaged first, so a few-shot task is
+    not weighted by its number of shot settings. Without names every column is a dataset.
     """
     seen = _stage_matrix(seen_if, "seen IF matrix")
-    final_rows = [seen[-1]]
+    per_dataset = list(seen[-1])
     if unseen_if is not None:
-        final_rows.append(_stage_rows(unseen_if, seen.shape[0], "unseen IF matrix")[-1])
+        final = _stage_rows(unseen_if, seen.shape[0], "unseen IF matrix")[-1]
+        names = list(unseen_datasets) if unseen_datasets is not None else list(range(len(final)))
+        if len(names) != len(final):
+            raise ValueError(f"{len(names)} dataset names for {len(final)} unseen columns")
+        per_dataset += [_nanmean(final[[k for k, other in enumerate(names) if other == name]]) for name in dict.fromkeys(names)]
     return {
-        "MIF": _nanmean(np.concatenate(final_rows)),
+        "MIF": _nanmean(per_dataset),
         "IF-AP": _average_performance(seen),
         "IF-MAP": _mean_average_performance(seen),
         "IF-BWT": _backward_transfer(seen),
     }
+
+
+def last_format_floor(dataset_families: Sequence[Sequence[str]], final_families: Collection[str]) -> float:
+    """MIF of a model that answers every prompt in the last task's format, as MIF counts datasets.
+
+    A reply passes the contracts of its own family and no other's (``contracts.py``), so such a
+    model's IF rate on a dataset is the share of its prompts whose contract family is one the last
+    task trains. ``dataset_families`` lists, per dataset, the family of each evaluated prompt.
+    """
+    return _nanmean(100.0 * np.mean([family in final_families for family in families]) for families in dataset_families)
+
+
+def normalized_average_performance(final_row: Sequence[float], chance: Sequence[float], ceiling: Sequence[float]) -> float:
+    """nAP: AP after mapping each task onto 0 (its image-blind chance) .. 100 (its ceiling).
+
+    nAP = mean_i 100 (R[T,i] - chance_i) / (ceiling_i - chance_i). AP mixes scales (CIDEr x 100
+    reaches several hundred) and counts a constant reply's score as performance; nAP does neither.
+    """
+    row, low, high = (np.asarray(values, dtype=float) for values in (final_row, chance, ceiling))
+    if not row.shape == low.shape == high.shape:
+        raise ValueError(f"final row, chance and ceiling differ in length: {row.shape}, {low.shape}, {high.shape}")
+    if np.any(high <= low):
+        raise ValueError("every ceiling must exceed its chance")
+    return _nanmean(100.0 * (row - low) / (high - low))
+
+
+BOOTSTRAP = {"level": 0.95, "resamples": 1000, "seed": 0}  # the intervals results.json records, stated beside them
+
+
+def bootstrap_interval(values: Sequence[float], resamples: int = BOOTSTRAP["resamples"], level: float = BOOTSTRAP["level"],
+                       seed: int = BOOTSTRAP["seed"]) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling items with replacement).
+
+    One test set's mean has a sampling error that seeds do not show; this interval is it. Fixed
+    ``seed``, so a result file is reproducible; all resamples are drawn as one index matrix.
+    """
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        return _NAN, _NAN
+    means = data[np.random.default_rng(seed).integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)
 
 
 def unseen_metrics(unseen: np.ndarray | list) -> dict[str, float]:
@@ -113,18 +162,28 @@ def heldout_metrics(seen_vu: np.ndarray | list, heldout_vu: np.ndarray | list) -
     return {"heldout_AP": heldout_ap, "robustness_gap": _average_performance(seen) - heldout_ap}
 
 
-def all_metrics(matrices: Mapping[str, Mapping[str, np.ndarray | list]]) -> dict[str, float]:
+def all_metrics(
+    matrices: Mapping[str, Mapping[str, np.ndarray | list]],
+    *,
+    chance: Sequence[float] | None = None,
+    ceiling: Sequence[float] | None = None,
+    unseen_datasets: Sequence[str] | None = None,
+) -> dict[str, float]:
     """Every metric from {"seen": {"vu", "if"}, "unseen": {"vu", "if"}, "heldout": {"vu", ...}}.
 
     Only "seen"/"vu" is required; metrics of a missing matrix are left out rather than guessed.
+    ``chance`` and ``ceiling`` (per seen task, in matrix order) add nAP; ``unseen_datasets`` names
+    each unseen column's dataset for MIF.
     """
     seen = matrices["seen"]
     seen_vu = _stage_matrix(seen["vu"], "seen VU matrix")
     unseen = matrices.get("unseen", {})
     heldout = matrices.get("heldout", {})
     metrics = continual_metrics(seen_vu)
+    if chance is not None and ceiling is not None:
+        metrics["nAP"] = normalized_average_performance(seen_vu[-1], chance, ceiling)
     if "if" in seen:
-        metrics.update(instruction_following_metrics(seen["if"], unseen.get("if")))
+        metrics.update(instruction_following_metrics(seen["if"], unseen.get("if"), unseen_datasets))
     if "vu" in unseen:
         _stage_rows(unseen["vu"], seen_vu.shape[0], "unseen VU matrix")
         metrics.update(unseen_metrics(unseen["vu"]))

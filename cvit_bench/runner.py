@@ -34,12 +34,13 @@ from cvit_bench.checkpoint import (ADAPTERS_DIR, Checkpoint, export_stage_weight
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
 from cvit_bench.distributed import Processes, current_processes, shard_frozen_weights
+from cvit_bench.evaluation.contracts import FAMILIES
 from cvit_bench.evaluation.evaluate import EvalSet, score_set
 from cvit_bench.evaluation.generate import Lockstep, generate
 from cvit_bench.io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from cvit_bench.methods import METHODS, Method
 from cvit_bench.methods.base import StagePlan, recorded_config
-from cvit_bench.metrics import all_metrics
+from cvit_bench.metrics import BOOTSTRAP, all_metrics, last_format_floor
 from cvit_bench.models.backend import load_model, parse_dtype
 from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.paths import config_differences, config_hash
@@ -56,6 +57,8 @@ BACKEND_OPTIONS = ("dtype", "gradient_checkpointing", "max_steps", "module_patte
 # Recorded in the request only: how a run computes, not what (gradient accumulation sums the same batch), or already in the
 # config another way (a batch size enters it as the suite's training.batch_size).
 REQUEST_ONLY_OPTIONS = ("grad_accum", "save_adapters", "batch_size")
+INTERVAL_KINDS = {"vu": ("vu_low", "vu_high"), "if": ("if_low", "if_high")}  # each cell's 95 % bootstrap interval over items
+TRACKED_KINDS = (*MATRIX_KINDS, TOP_REPLY, *(bound for bounds in INTERVAL_KINDS.values() for bound in bounds))  # per cell, in a run
 REQUEST_FILE = "run_request.json"  # the options a run was started with, so `--resume RUN_DIR` needs nothing else
 
 
@@ -330,8 +333,9 @@ class Progress:
     @classmethod
     def from_json(cls, state: dict[str, Any], predictions: list[dict]) -> Progress:
         matrices = {g: {k: np.asarray(m, dtype=float) for k, m in kinds.items()} for g, kinds in state["matrices"].items()}
-        for kinds in matrices.values():  # checkpoints written before the share was recorded
-            kinds.setdefault(TOP_REPLY, np.full_like(kinds["vu"], np.nan))
+        for kinds in matrices.values():  # checkpoints written before the share or the intervals were recorded
+            for kind in TRACKED_KINDS:
+                kinds.setdefault(kind, np.full_like(kinds["vu"], np.nan))
         fields = {f.name for f in dataclasses.fields(cls)} - {"matrices", "predictions", "trained"}
         return cls(matrices=matrices, predictions=predictions, trained=set(state["trained"]), **{k: state[k] for k in fields})
 
@@ -497,8 +501,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
 
     if checkpoint is None:
         n_rows = len(task_names) + 1
-        progress = Progress({g: {k: np.full((n_rows, len(sets)), np.nan) for k in (*MATRIX_KINDS, TOP_REPLY)}
-                             for g, sets in plan.groups().items()})
+        progress = Progress({g: {k: np.full((n_rows, len(sets)), np.nan) for k in TRACKED_KINDS} for g, sets in plan.groups().items()})
         progress.trained = trainable_names(model)
         progress.started = datetime.now(timezone.utc).isoformat()
     else:
@@ -522,6 +525,9 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
                     progress.matrices[group]["if"][row, column] = set_scores.if_rate
                     progress.matrices[group]["strict"][row, column] = set_scores.strict
                     progress.matrices[group][TOP_REPLY][row, column] = top_reply_share(set_scores.predictions)
+                    for kind, interval in (("vu", set_scores.vu_interval), ("if", set_scores.if_interval)):
+                        for name, bound in zip(INTERVAL_KINDS[kind], interval):
+                            progress.matrices[group][name][row, column] = bound
                 progress.predictions.extend({"stage": stage, "group": group, **p} for p in set_scores.predictions)
                 if set_scores.extra or set_scores.skipped:
                     progress.corpus_scores.append({"stage": stage, "group": group, "set": columns[group][column],
@@ -617,7 +623,11 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             "status": "complete",
         },
         "matrices": reported,
-        "metrics": all_metrics(reported),
+        "metrics": run_metrics(suite, reported, plan),
+        "n_items": {group: {s.name: len(s.samples) for s in sets} for group, sets in plan.groups().items() if sets},
+        "intervals": {**BOOTSTRAP, "over": "items", **{
+            group: {kind: {"low": progress.matrices[group][low], "high": progress.matrices[group][high]}
+                    for kind, (low, high) in INTERVAL_KINDS.items()} for group in reported}},
         "top_reply_share": {group: progress.matrices[group][TOP_REPLY] for group in reported},
         "corpus_scores": progress.corpus_scores,
         "stages": progress.stage_facts,
@@ -681,6 +691,24 @@ def build_run_model(options: RunOptions, method: Method, data: SuiteData, model_
     sharded = shard_frozen_weights(model, base_weights, processes) if processes.shard_frozen else 0
     collator = Collator(processor, device=processes.device, dtype=dtype, workers=options.data_workers)
     return model, collator, build_eval_plan(options.suite, data, collator, options.seed), sharded
+
+
+def run_metrics(suite: Suite, matrices: dict[str, dict[str, np.ndarray]], plan: EvalPlan) -> dict[str, float]:
+    """The run's metrics: nAP where every seen task declares its chance, MIF over datasets counted once, and
+    ``MIF_floor``, what a model that answers everything in the last task's format scores on MIF."""
+    declared = all(task.chance is not None for task in suite.tasks)
+    metrics = all_metrics(
+        matrices,
+        chance=[task.chance for task in suite.tasks] if declared else None,
+        ceiling=[task.nap_ceiling for task in suite.tasks] if declared else None,
+        unseen_datasets=[s.task for s in plan.unseen],
+    )
+    datasets: dict[str, list[str]] = {}
+    for eval_set in plan.seen + plan.unseen:
+        datasets.setdefault(eval_set.task, []).extend(FAMILIES[s.contract] for s in eval_set.samples)
+    last = suite.tasks[-1].template.training_phrasings(suite.instruction_setting)
+    metrics["MIF_floor"] = last_format_floor(list(datasets.values()), {FAMILIES[p.contract] for p in last})
+    return metrics
 
 
 def top_reply_share(predictions: list[dict]) -> float:

@@ -1,8 +1,10 @@
 """Golden table for the instruction-following checks: each row is a raw output and its verdict."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cvit_bench.evaluation.contracts import CONTRACTS, ContractResult, check_contract
+from cvit_bench.evaluation.contracts import CONTRACTS, FAMILIES, ContractResult, check_contract, reply_family
 
 # (contract, output, keyword arguments, expected pass, fragment expected in the reason)
 CASES = [
@@ -22,13 +24,20 @@ CASES = [
     ("short", "The Red Car", {"ground_truth": "the red car"}, True, "ok"),
     ("short", "the red bus", {"ground_truth": "the red car"}, False, "at most two words"),
     ("short", "   ", {}, False, "empty output"),
+    # ... but only for replies of its own family: no letters, upper-case labels or (truncated) JSON
+    ("short", "A", {}, False, "is a letter reply, not a short one"),
+    ("short", "(B)", {}, False, "is a letter reply"),
+    ("short", "RING", {}, False, "is a uppercase reply"),
+    ("short", '{"answer": "zip', {}, False, "is a json reply"),
+    ("short", "2", {}, True, "ok"),
     # sentence: ends with "." and has more than four words
     ("sentence", "A red circle above a square.", {}, True, "ok"),
     ("sentence", "A red circle above a square", {}, False, "ending with '.'"),
     ("sentence", "A red circle here.", {}, False, "more than four words, got 4"),
     # yes_no
     ("yes_no", "Yes", {}, True, "ok"),
-    ("yes_no", "NO", {}, True, "ok"),
+    ("yes_no", "No", {}, True, "ok"),
+    ("yes_no", "NO", {}, False, "is a uppercase reply, not a short one"),
     ("yes_no", "yes.", {}, False, "expected 'yes' or 'no'"),
     ("yes_no", "yes, it is", {}, False, "expected 'yes' or 'no'"),
     # number: digits only
@@ -42,6 +51,9 @@ CASES = [
     ("uppercase", "42", {}, False, "expected upper-case letters"),
     ("uppercase", "THE RED CAR", {}, False, "at most two words, got 3"),
     ("uppercase", "THE RED CAR", {"ground_truth": "the red car"}, True, "ok"),
+    ("uppercase", "A", {}, False, "is a letter reply, not a uppercase one"),
+    ("uppercase", "B.", {}, False, "is a letter reply"),
+    ("uppercase", "A RED CIRCLE ABOVE A SQUARE.", {"ground_truth": "a red circle above a square."}, False, "is a sentence reply"),
     # json_answer: a JSON object whose only key is "answer", with a string value
     ("json_answer", '{"answer": "red"}', {}, True, "ok"),
     ("json_answer", "{'answer': 'red'}", {}, False, "expected a JSON object"),
@@ -61,6 +73,33 @@ CASES = [
     ("lowercase_sentence", "A red circle above a square.", {}, False, "lower-case"),
     ("lowercase_sentence", "a red circle here.", {}, False, "more than four words"),
 ]
+
+
+@pytest.mark.parametrize(("output", "family"), [
+    ('{"answer": "zip"}', "json"), ('{"answer": "zip', "json"), ("[0.1, 0.2, 0.5, 0.75]", "bbox"), ("B", "letter"),
+    ("(C)", "letter"), ("A red circle above a square.", "sentence"), ("RING", "uppercase"), ("TRAFFIC LIGHT", "uppercase"),
+    ("ring", "short"), ("Yes", "short"), ("3", "short"), ("a red circle here.", "short"), ("", "short"),
+])
+def test_every_reply_has_one_family(output, family):
+    assert reply_family(output) == family
+
+
+def test_every_contract_names_its_family():
+    assert set(FAMILIES) == set(CONTRACTS)
+
+
+# Replies built from the pieces each contract looks at, so near-misses of every family are drawn often.
+_PIECES = st.sampled_from(["{", "}", "[", "]", '"answer"', '"', ":", ",", " ", ".", "(", ")", "A", "B", "Z", "I",
+                           "red", "RED", "Red", "yes", "NO", "0", "0.5", "1", "12", "a", "the", "circle", "ß", "\n"])
+_REPLIES = st.one_of(st.text(max_size=30), st.lists(_PIECES, max_size=12).map("".join))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(reply=_REPLIES, truth=st.sampled_from(["same", "upper", "lower", "none"]), n_options=st.sampled_from([None, 4]))
+def test_no_reply_passes_two_families_contracts(reply, truth, n_options):
+    ground_truth = {"same": reply, "upper": reply.upper(), "lower": reply.lower(), "none": None}[truth]
+    passed = {FAMILIES[c] for c in CONTRACTS if check_contract(c, reply, ground_truth=ground_truth, n_options=n_options).passed}
+    assert len(passed) <= 1, (reply, passed)
 
 
 @pytest.mark.parametrize(("contract", "output", "kwargs", "passed", "reason"), CASES)

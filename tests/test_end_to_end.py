@@ -1,8 +1,10 @@
 """Whole runs on cvit-v1-smoke: every method, results schema, determinism, and bad input leaving nothing behind."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ from typer.testing import CliRunner
 from cvit_bench.cli import app
 from cvit_bench.io import read_json
 from cvit_bench.methods import METHODS
-from cvit_bench.runner import RunOptions, run
+from cvit_bench.evaluation.contracts import FAMILIES
+from cvit_bench.evaluation.evaluate import EvalSet
+from cvit_bench.runner import EvalPlan, RunOptions, run, run_metrics
 from cvit_bench.suites.schema import load_suite
 
 SMOKE = "cvit-v1-smoke"
@@ -46,6 +50,14 @@ def test_results_follow_the_schema(seqlora_result):
     assert np.asarray(result["matrices"]["heldout"]["if"], dtype=float).shape == (7, 6)
     for metric in ("AP", "MAP", "MFT", "BWT", "forgetting", "FWT", "MIF", "IF-AP", "IF-BWT", "unseen_AP", "heldout_AP", "robustness_gap"):
         assert metric in result["metrics"]
+    assert "MIF_floor" in result["metrics"] and "nAP" not in result["metrics"]  # cvit-v1-smoke declares no chance
+    assert result["n_items"]["seen"] == {task: 4 for task in info["task_order"]}
+    assert result["n_items"]["unseen"] == {name: 4 for name in info["unseen_tasks"]}
+    assert result["intervals"]["resamples"] == 1000 and result["intervals"]["level"] == 0.95
+    for kind in ("vu", "if"):
+        value = np.asarray(seen[kind], dtype=float)
+        low, high = (np.asarray(result["intervals"]["seen"][kind][bound], dtype=float) for bound in ("low", "high"))
+        assert np.all(low <= value + 1e-9) and np.all(value <= high + 1e-9)  # every cell is evaluated here
     captions = [c for c in result["corpus_scores"] if c["set"] == "caption"]
     assert [c["stage"] for c in captions if c["group"] == "seen"] == list(range(7))
     assert {"CIDEr", "BLEU-4", "ROUGE-L"} <= set(captions[0]["scores"])
@@ -55,6 +67,26 @@ def test_results_follow_the_schema(seqlora_result):
     assert {"stage", "group", "set", "id", "prediction", "vu", "if_pass", "if_reason"} <= set(first)
     # 7 evaluations x (6 seen + 6 held-out + 3 unseen sets of 4 + one 2-shot set of 4) samples
     assert len(predictions) == 7 * (6 * 4 * 2 + 4 * 4)
+
+
+def test_run_metrics_add_nap_where_chance_is_declared_and_count_scene_once():
+    suite = load_suite(SMOKE)
+    declared = dataclasses.replace(suite, tasks=tuple(dataclasses.replace(t, chance=20.0) for t in suite.tasks))
+    contracts = {t.name: t.template.train[0].contract for t in suite.tasks + suite.unseen}
+
+    def column(name: str, task: str) -> EvalSet:
+        return EvalSet(name, task, "exact_match", [SimpleNamespace(contract=contracts[task])] * 2, 8)
+
+    plan = EvalPlan([column(t.name, t.name) for t in suite.tasks], [column("textcap", "textcap"), column("scene-0shot", "scene"),
+                    column("scene-2shot", "scene")], [])
+    seen, unseen = np.full((7, 6), 60.0), np.array([[0.0, 0.0, 0.0]] * 6 + [[30.0, 40.0, 80.0]])
+    matrices = {"seen": {"vu": seen, "if": seen}, "unseen": {"vu": unseen, "if": unseen}}
+    metrics = run_metrics(declared, matrices, plan)
+    assert metrics["nAP"] == pytest.approx(100 * (60 - 20) / (100 - 20))
+    assert metrics["MIF"] == pytest.approx((6 * 60 + 30 + (40 + 80) / 2) / 8)  # scene's two columns count once
+    families = [FAMILIES[contracts[t]] for t in [*suite.task_names, "textcap", "scene"]]
+    assert metrics["MIF_floor"] == pytest.approx(100 * families.count(FAMILIES[contracts["vqa"]]) / 8)
+    assert "nAP" not in run_metrics(suite, matrices, plan)
 
 
 def test_same_seed_gives_identical_matrices(seqlora_result, tmp_path):

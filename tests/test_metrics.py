@@ -7,9 +7,12 @@ import pytest
 
 from cvit_bench.metrics import (
     all_metrics,
+    bootstrap_interval,
     continual_metrics,
     heldout_metrics,
     instruction_following_metrics,
+    last_format_floor,
+    normalized_average_performance,
     unseen_metrics,
 )
 
@@ -114,6 +117,47 @@ def test_instruction_following_metrics_golden():
     assert m["IF-BWT"] == pytest.approx(-0.25)
     # Without unseen tasks MIF is the seen final row alone: 2.5 / 3
     assert instruction_following_metrics(SEEN_IF)["MIF"] == pytest.approx(2.5 / 3)
+
+
+def test_mif_counts_each_dataset_once():
+    # The two unseen columns are one dataset (0- and 5-shot): its IF is (0 + 0.75) / 2 = 0.375, and
+    # MIF = (1 + 0.5 + 1 + 0.375) / 4 = 0.71875 instead of the per-column 0.65.
+    m = instruction_following_metrics(SEEN_IF, UNSEEN_IF, unseen_datasets=["scene", "scene"])
+    assert m["MIF"] == pytest.approx(0.71875)
+    assert instruction_following_metrics(SEEN_IF, UNSEEN_IF, unseen_datasets=["a", "b"])["MIF"] == pytest.approx(0.65)
+    with pytest.raises(ValueError, match="1 dataset names for 2 unseen columns"):
+        instruction_following_metrics(SEEN_IF, UNSEEN_IF, unseen_datasets=["scene"])
+
+
+def test_last_format_floor_golden():
+    # Last task answers `short`: datasets letter (0 %), short (100 %), half short half json (50 %) -> 50
+    assert last_format_floor([["letter"] * 4, ["short"] * 3, ["short", "json"]], {"short"}) == pytest.approx(50.0)
+    # cvit-v2's nine datasets, vqa last: relation, vqa and unanswerable answer short -> 3 / 9
+    v2 = [["letter"], ["json"], ["sentence"], ["uppercase"], ["short"], ["short"], ["short"], ["sentence"], ["uppercase"]]
+    assert last_format_floor(v2, {"short"}) == pytest.approx(100 / 3)
+
+
+def test_nap_golden():
+    # chance 25 / ceiling 100: (62.5 - 25) / 75 = 50 %; chance 80 / ceiling 400 (CIDEr): (240 - 80) / 320 = 50 %;
+    # chance 10 / ceiling 100 at chance: 0 % -> nAP = (50 + 50 + 0) / 3 = 33.33
+    assert normalized_average_performance([62.5, 240.0, 10.0], [25.0, 80.0, 10.0], [100.0, 400.0, 100.0]) == pytest.approx(100 / 3)
+    # below chance is negative: (0 - 20) / 80 = -25 %
+    assert normalized_average_performance([0.0], [20.0], [100.0]) == pytest.approx(-25.0)
+    with pytest.raises(ValueError, match="ceiling must exceed"):
+        normalized_average_performance([1.0], [50.0], [50.0])
+    m = all_metrics({"seen": {"vu": R}}, chance=[10.0, 20.0, 30.0], ceiling=[100.0, 100.0, 100.0])
+    # final row (50, 70, 95): (40/90 + 50/80 + 65/70) / 3 x 100 = 66.57
+    assert m["nAP"] == pytest.approx(100 * (40 / 90 + 50 / 80 + 65 / 70) / 3)
+
+
+def test_bootstrap_interval_is_fixed_by_its_seed_and_brackets_the_mean():
+    values = np.r_[np.ones(30), np.zeros(70)]
+    low, high = bootstrap_interval(values)
+    assert (low, high) == bootstrap_interval(values) and low < 0.3 < high
+    # the binomial standard error is sqrt(0.3 * 0.7 / 100) = 0.0458, so the 95 % interval spans about 2 x 1.96 x 0.0458 = 0.18
+    assert high - low == pytest.approx(0.18, abs=0.03)
+    assert bootstrap_interval([0.4] * 10) == pytest.approx((0.4, 0.4))
+    assert all(math.isnan(v) for v in bootstrap_interval([]))
 
 
 def test_unseen_if_must_have_the_seen_stage_rows():

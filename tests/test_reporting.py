@@ -233,6 +233,20 @@ def test_leaderboard_table_shows_mean_plus_minus_std():
     assert "70.00" in replay_line and "±" not in replay_line
 
 
+def test_nap_and_the_mif_floor_join_the_leaderboard_only_when_every_run_reports_them():
+    later = {"nAP": 40.0, "MIF": 50.0, "MIF_floor": 33.33}
+    runs = [make_result("seqlora", 0, {"AP": 60.0, **later}), make_result("seqlora", 1, {"AP": 64.0, **later, "nAP": 44.0})]
+    board = build_leaderboard(runs)
+    columns = list(board.columns)
+    assert columns[columns.index("AP_std") + 1] == "nAP_mean" and columns[columns.index("MIF_std") + 1] == "MIF_floor_mean"
+    assert board.loc[0, "nAP_mean"] == 42.0 and board.loc[0, "MIF_floor_mean"] == 33.33
+    text = render(leaderboard_table(board))
+    assert "nAP" in text and "MIF_floor" in text and "42.00 ± 2.83" in text
+    assert list(build_leaderboard(three_runs()).columns) == COLUMNS  # cvit-v1's runs: its published columns
+    mixed = build_leaderboard([runs[0], make_result("seqlora", 1, {"AP": 64.0})])
+    assert "nAP_mean" not in mixed.columns
+
+
 def test_matrix_table_marks_unevaluated_cells():
     text = render(matrix_table([[10.0, None], [12.345, 85.0]], ["stage 0", "stage 1"], TASKS, "VU"))
     assert "12.3" in text and "–" in text

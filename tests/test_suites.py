@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cvit_bench.cli import app
 from cvit_bench.registry import Registry, UnknownNameError
-from cvit_bench.suites.schema import SUITES_DIR, TEMPLATES_DIR, SuiteError, load_suite, load_templates, suite_names
+from cvit_bench.suites.schema import SUITES_DIR, TEMPLATES_DIR, SuiteError, heldout_repeats, load_suite, load_templates, suite_names
 
 runner = CliRunner()
 
@@ -90,7 +90,37 @@ def test_validate_command_reports_problems_and_exit_code(tmp_path):
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 1
     assert "training.steps_per_task" in result.output
-    assert runner.invoke(app, ["validate", "cvit-v1"]).exit_code == 0
+    assert runner.invoke(app, ["validate", "cvit-v2"]).exit_code == 0
+
+
+def test_chance_and_ceiling_are_checked_with_their_field(tmp_path):
+    tasks = yaml.safe_load((SUITES_DIR / "cvit-v1-smoke.yaml").read_text())["tasks"]
+    by_name = {task["name"]: task for task in tasks}
+    by_name["mcq"]["chance"] = 25
+    by_name["ocr"]["chance"] = True
+    by_name["caption"]["chance"] = 80.0  # a CIDEr task needs its ceiling
+    by_name["classify"].update(chance=60.0, ceiling=50.0)
+    with pytest.raises(SuiteError) as error:
+        load_suite(str(write_suite(tmp_path, tasks=tasks)))
+    text = str(error.value)
+    assert "tasks[1].chance: expected a non-negative number, got True" in text
+    assert "tasks[2].ceiling: a cider task that declares chance needs a ceiling" in text
+    assert "tasks[3].chance: 60.0 must be below the ceiling (50.0)" in text
+    assert "tasks[0]" not in text
+    by_name["ocr"]["chance"], by_name["caption"]["ceiling"], by_name["classify"]["ceiling"] = 3, 400, 100
+    suite = load_suite(str(write_suite(tmp_path, tasks=tasks)))
+    assert [(t.chance, t.nap_ceiling) for t in suite.tasks[:4]] == [(25.0, 100.0), (3.0, 100.0), (80.0, 400.0), (60.0, 100.0)]
+
+
+def test_validate_refuses_a_heldout_phrasing_that_a_task_trains_on():
+    # cvit-v1 (frozen) has three: ocr and classify held-out[1] are relation's train[0], vqa held-out[1] is ocr's.
+    result = runner.invoke(app, ["validate", "cvit-v1"])
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "3 problem(s)" in text
+    assert "ocr.yaml: heldout[1].prompt: equals a training phrasing of task relation" in text and "relation.yaml: train[0]" in text
+    assert "vqa.yaml: heldout[1].prompt: equals a training phrasing of task ocr" in text
+    assert not heldout_repeats(load_suite("cvit-v2"))
 
 
 def test_ls_lists_suites_methods_and_scorers():

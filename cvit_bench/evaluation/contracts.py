@@ -3,6 +3,12 @@
 Visual understanding is scored leniently elsewhere; these checks are strict on purpose, because
 losing a task's output format is the instruction-following half of dual forgetting. Each check
 sees the raw output with only surrounding whitespace stripped and explains a failure in words.
+
+Contracts come in families that do not overlap: every reply belongs to exactly one family
+(``reply_family``) and passes only contracts of that family. Without this, a model that answers
+everything in the last task's format passes earlier tasks' contracts by accident (a single
+letter passed ``uppercase``, and ``short`` accepted letters, upper-case labels and a truncated
+``{"answer": "zip``), and instruction following could not tell methods apart.
 """
 
 from __future__ import annotations
@@ -123,6 +129,41 @@ def _lowercase_sentence(
     return result
 
 
+# Each contract's family; contracts of one family are refinements of one answer form.
+FAMILIES: dict[str, str] = {
+    "letter": "letter",
+    "short": "short",
+    "yes_no": "short",
+    "number": "short",
+    "sentence": "sentence",
+    "lowercase_sentence": "sentence",
+    "uppercase": "uppercase",
+    "json_answer": "json",
+    "bbox": "bbox",
+}
+_LETTER_SHAPED = re.compile(r"\(?[A-Z]\)?[.:)]?")  # "B", "B.", "(B)", "B)": an option letter, however decorated
+
+
+def reply_family(text: str) -> str:
+    """The one contract family a reply belongs to (surrounding whitespace ignored); the first matching rule decides.
+
+    JSON-like (starts with "{"), box-like (starts with "["), an option letter, a sentence (ends with
+    "." and has more than four words), upper-case (letters, none lower-case), else a short answer.
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        return "json"
+    if text.startswith("["):
+        return "bbox"
+    if _LETTER_SHAPED.fullmatch(text):
+        return "letter"
+    if text.endswith(".") and len(text.split()) > 4:
+        return "sentence"
+    if any(c.isalpha() for c in text) and not any(c.islower() for c in text):
+        return "uppercase"
+    return "short"
+
+
 _CHECKERS: dict[str, Callable[[str, str | None, int | None], ContractResult]] = {
     "letter": _letter,
     "short": _short,
@@ -148,9 +189,15 @@ def check_contract(
     """Check `output` against a named format contract.
 
     `ground_truth` lets `short` and `uppercase` accept a longer answer that is exactly right
-    (SMoLoRA's rule); `n_options` bounds the `letter` contract to the options offered.
+    (SMoLoRA's rule); `n_options` bounds the `letter` contract to the options offered. A reply
+    that obeys the contract's own rule still fails when it belongs to another family.
     """
     checker = _CHECKERS.get(contract)
     if checker is None:
         raise ValueError(f"unknown contract {contract!r}; valid contracts: {', '.join(CONTRACTS)}")
-    return checker(output.strip(), ground_truth, n_options)
+    text = output.strip()
+    result = checker(text, ground_truth, n_options)
+    family = reply_family(text)
+    if result.passed and family != FAMILIES[contract]:
+        return _fail(f"{_shown(text)} is a {family} reply, not a {FAMILIES[contract]} one")
+    return result

@@ -8,6 +8,7 @@ import numpy as np
 from cvit_bench.data.samples import Sample
 from cvit_bench.evaluation.contracts import check_contract
 from cvit_bench.evaluation.scoring import extracted_answer, score_task
+from cvit_bench.metrics import bootstrap_interval
 
 
 @dataclass
@@ -26,6 +27,8 @@ class SetScores:
     vu: float  # mean VU score x 100 (CIDEr x 100 for caption scorers)
     if_rate: float  # % of replies obeying the format contract
     strict: float  # mean of VU x IF-pass, x 100: right content in the right form
+    vu_interval: tuple[float, float]  # 95 % bootstrap interval of ``vu`` over the set's items
+    if_interval: tuple[float, float]  # the same for ``if_rate``
     predictions: list[dict] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -62,6 +65,8 @@ def score_set(eval_set: EvalSet, replies: list[str], prompts: list[str]) -> SetS
         vu=float(vu.mean() * 100),
         if_rate=float(passed.mean() * 100),
         strict=float((vu * passed).mean() * 100),
+        vu_interval=bootstrap_interval(vu * 100),
+        if_interval=bootstrap_interval(passed * 100),
         predictions=predictions,
         extra=dict(task_scores.extra),
         skipped=dict(task_scores.skipped),

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -443,6 +444,76 @@ def cider_single_reference_scores(predictions: list[str], references: list[list[
         scores = _cider(one_each, {j: res[i] for j in one_each})
         best[i] = [refs[int(np.argmax(scores))]]
     return _cider(res, best)
+
+
+_CIDER_N, _CIDER_SIGMA = 4, 6.0  # pycocoevalcap's CIDEr-D settings
+
+
+def _ngram_counts(text: str) -> list[Counter]:
+    """Counts of the 1- to 4-grams of a tokenized text, one Counter per n (pycocoevalcap's ``precook``, split by n)."""
+    words = text.split()
+    return [Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)) for n in range(1, _CIDER_N + 1)]
+
+
+def constant_reply_cider(candidates: list[str], references: list[list[str]]) -> list[float]:
+    """Corpus CIDEr-D of each candidate given as the reply to every sample (the mean of per-sample scores, as
+    ``caption_scores``), for an image-blind chance level.
+
+    pycocoevalcap scores one candidate against a 200-item test set in seconds, and a task's candidates
+    number thousands, so its formula is evaluated here for all of them at once: tf-idf vectors with the
+    idf of the references, clipped overlap min(tf_c, tf_r) * tf_r * idf^2 summed as matrix products over
+    count levels, cosine per n, length penalty exp(-d^2 / 2 sigma^2) on bigram counts (pycocoevalcap's
+    length), mean over n, times 10. Equal to pycocoevalcap's result (tested).
+    """
+    if not candidates:
+        raise ValueError("no candidates to score")
+    _check_caption_inputs([""] * len(references), references)
+    gts, _ = _ptb_tokenize([""] * len(references), references)
+    _, res = _ptb_tokenize(candidates, [[c] for c in candidates])
+    items = [[_ngram_counts(ref) for ref in gts[i]] for i in range(len(references))]
+    refs = [counts for item in items for counts in item]
+    hyps = [_ngram_counts(res[c][0]) for c in range(len(candidates))]
+    log_n = np.log(float(len(items)))
+    weight = np.array([10.0 / (len(items) * len(item)) for item in items for _ in item])  # each reference's share of the mean
+    similarity = np.zeros((len(hyps), len(refs)))
+    for n in range(_CIDER_N):
+        frequency = Counter(g for item in items for g in set().union(*(counts[n] for counts in item)))  # documents = samples
+        column = {g: k for k, g in enumerate(frequency)}
+        idf = log_n - np.log(np.array([float(frequency[g]) for g in column]))
+        ref_tf = np.zeros((len(refs), len(column)))
+        for r, counts in enumerate(refs):
+            for g, count in counts[n].items():
+                ref_tf[r, column[g]] = count
+        hyp_tf = np.zeros((len(hyps), len(column)))
+        hyp_norm = np.zeros(len(hyps))
+        for c, counts in enumerate(hyps):
+            for g, count in counts[n].items():
+                if g in column:
+                    hyp_tf[c, column[g]] = count
+                else:  # absent from every reference: idf log(N), counted in the candidate's norm only
+                    hyp_norm[c] += (count * log_n) ** 2
+        hyp_norm = np.sqrt(hyp_norm + ((hyp_tf * idf) ** 2).sum(axis=1))
+        ref_norm = np.sqrt(((ref_tf * idf) ** 2).sum(axis=1))
+        overlap = sum((hyp_tf >= level).astype(float) @ ((ref_tf >= level) * ref_tf * idf ** 2).T
+                      for level in range(1, int(max(hyp_tf.max(initial=0), ref_tf.max(initial=0))) + 1))
+        norms = np.outer(hyp_norm, ref_norm)
+        similarity += np.where(norms > 0, overlap / np.where(norms > 0, norms, 1.0), overlap) / _CIDER_N
+    hyp_length = np.array([sum(counts[1].values()) for counts in hyps], dtype=float)
+    ref_length = np.array([sum(counts[1].values()) for counts in refs], dtype=float)
+    penalty = np.exp(-((hyp_length[:, None] - ref_length[None, :]) ** 2) / (2 * _CIDER_SIGMA ** 2))
+    return [float(v) for v in (similarity * penalty) @ weight]
+
+
+def reference_cider(references: list[list[str]]) -> float:
+    """Mean leave-one-out CIDEr-D of the references: each reference scored as the reply against the others of
+    its sample. What a reply as good as another annotator's gets, a ceiling for a CIDEr task (needs two
+    references per sample)."""
+    if any(len(refs) < 2 for refs in references):
+        raise ValueError("a leave-one-out ceiling needs at least two references per sample")
+    predictions = [ref for refs in references for ref in refs]
+    others = [refs[:j] + refs[j + 1:] for refs in references for j in range(len(refs))]
+    gts, res = _ptb_tokenize(predictions, others)
+    return float(np.mean(_cider(gts, res)))
 
 
 # ---------------------------------------------------------------------------------------------

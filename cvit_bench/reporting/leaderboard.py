@@ -28,16 +28,29 @@ METRIC_COLUMNS = [
     "AP", "MAP", "MFT", "BWT", "forgetting", "FWT", "MIF",
     "IF-AP", "IF-BWT", "unseen_AP", "heldout_AP", "robustness_gap",
 ]
+# Metrics added after cvit-v1, each placed after the column it qualifies. A leaderboard has them only when
+# every run reports them (nAP: suites that declare chance), so cvit-v1's published CSVs keep their columns.
+LATER_METRICS = {"nAP": "AP", "MIF_floor": "MIF"}
 # Runs that differ in any of these measure different things and must not share a mean. Generated
 # data differs per seed by design, so seeds are compared on the data recipe; config_hash covers
 # everything else that is not the seed (suite spec, steps, model); the specific fields come first
 # for clearer messages.
 SETUP_FIELDS = ("data_recipe_hash", "base_checkpoint_hash", "method_config", "config_hash")
-COLUMNS = [
-    "method",
-    *(f"{metric}_{stat}" for metric in METRIC_COLUMNS for stat in ("mean", "std")),
-    "n_seeds", "seeds", "wall_time_s_mean",
-]
+def metric_columns(results: list[dict]) -> list[str]:
+    """The leaderboard's metrics: cvit-v1's, with each later one every run reports placed after the column it qualifies."""
+    columns = []
+    for metric in METRIC_COLUMNS:
+        columns.append(metric)
+        columns += [later for later, after in LATER_METRICS.items()
+                    if after == metric and results and all(later in result["metrics"] for result in results)]
+    return columns
+
+
+def leaderboard_columns(metrics: list[str]) -> list[str]:
+    return ["method", *(f"{metric}_{stat}" for metric in metrics for stat in ("mean", "std")), "n_seeds", "seeds", "wall_time_s_mean"]
+
+
+COLUMNS = leaderboard_columns(METRIC_COLUMNS)  # a leaderboard without later metrics (cvit-v1's)
 
 
 def find_results(results_dir: Path, suite: str | None = None) -> list[dict]:
@@ -69,8 +82,9 @@ def build_leaderboard(results: list[dict]) -> pd.DataFrame:
     runs_by_method = defaultdict(list)
     for result in results:
         runs_by_method[result["run_info"]["method"]].append(result)
-    rows = [_method_row(method, runs) for method, runs in runs_by_method.items()]
-    board = pd.DataFrame(rows, columns=COLUMNS).round(2)
+    metrics = metric_columns(results)
+    rows = [_method_row(method, runs, metrics) for method, runs in runs_by_method.items()]
+    board = pd.DataFrame(rows, columns=leaderboard_columns(metrics)).round(2)
     board = board.sort_values(["AP_mean", "method"], ascending=[False, True], na_position="last", kind="mergesort")
     return board.reset_index(drop=True)
 
@@ -145,13 +159,13 @@ def run_order(result: dict) -> str:
     return order_label((result["run_info"].get("request") or {}).get("order"))
 
 
-def _method_row(method: str, runs: list[dict]) -> dict:
+def _method_row(method: str, runs: list[dict], metrics: list[str]) -> dict:
     # Sorting by seed fixes the summation order, so the mean's last bits do not depend on discovery order.
     runs = sorted(runs, key=lambda run: run["run_info"]["seed"])
     _refuse_duplicate_seeds(method, runs)
     _refuse_mixed_setups(method, runs)
     row = {"method": method}
-    for metric in METRIC_COLUMNS:
+    for metric in metrics:
         values = np.array([_as_float(run["metrics"].get(metric)) for run in runs])
         row[f"{metric}_mean"] = values.mean()
         row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan

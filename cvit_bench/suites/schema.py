@@ -24,6 +24,7 @@ TEMPLATES_DIR = shipped(TEMPLATES)
 INSTRUCTION_SETTINGS = ("single", "multi")
 DATA_SOURCES = ("synthetic", "llava")
 SIDE_SET_SCHEDULES = ("every_stage", "ends")
+DEFAULT_CEILING = 100.0  # a perfect accuracy; CIDEr has no fixed maximum, so its tasks declare a ceiling
 
 
 class SuiteError(ValueError):
@@ -67,8 +68,17 @@ class TaskSpec:
     shots: tuple[int, ...] = (0,)
     data: str | None = None  # real suites: folder (relative to --data-root) holding train.json / test.json
     max_new_tokens: int | None = None  # generation length; None: the longest reference reply of the set + the margin
+    # What an image-blind constant reply scores and the best attainable score, on the task's own scale; they map the
+    # task onto 0..100 for nAP. Optional (None: not declared).
+    chance: float | None = None
+    ceiling: float | None = None
 
-    ADDED_LATER = {"max_new_tokens": None}  # left out of a run's config at these values (cvit-v1's hash)
+    ADDED_LATER = {"max_new_tokens": None, "chance": None, "ceiling": None}  # left out of a run's config at these values (cvit-v1's hash)
+
+    @property
+    def nap_ceiling(self) -> float:
+        """The declared ceiling, else a perfect score (100); CIDEr tasks must declare theirs."""
+        return DEFAULT_CEILING if self.ceiling is None else self.ceiling
 
 
 @dataclass(frozen=True)
@@ -169,7 +179,7 @@ _TOP_KEYS = {"name", "description", "data", "model", "instruction_setting", "tra
              "method_defaults"}
 ORDER_NAME = re.compile(r"[a-z0-9_-]+")
 DEFAULT_ORDER = "default"  # the listed order's name in leaderboards; a suite may declare it only as the listed order
-_TASK_KEYS = {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data", "obtain", "max_new_tokens"}
+_TASK_KEYS = {"name", "kind", "template", "scorer", "train_size", "test_size", "shots", "data", "obtain", "max_new_tokens", "chance", "ceiling"}
 _NOT_COMPUTED_KEYS = {"name", "reason"}
 _TEMPLATE_KEYS = {"task_type", "train", "heldout"}
 _PHRASING_KEYS = {"prompt", "contract"}
@@ -276,6 +286,28 @@ def _relative_folder(where: str, value: Any, problems: list[str]) -> str | None:
     return value
 
 
+def _number_or_none(where: str, value: Any, problems: list[str]) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        problems.append(f"{where}: expected a non-negative number, got {value!r}")
+        return None
+    return float(value)
+
+
+def _chance_and_ceiling(where: str, entry: dict, scorer: Any, problems: list[str]) -> dict[str, float | None]:
+    """The optional ``chance`` and ``ceiling`` of a task; a CIDEr task that declares chance must declare its ceiling."""
+    from cvit_bench.evaluation.scoring import CORPUS_SCORERS
+
+    chance = _number_or_none(f"{where}.chance", entry.get("chance"), problems)
+    ceiling = _number_or_none(f"{where}.ceiling", entry.get("ceiling"), problems)
+    if chance is not None and ceiling is None and scorer in CORPUS_SCORERS:
+        problems.append(f"{where}.ceiling: a {scorer} task that declares chance needs a ceiling (CIDEr has no fixed maximum)")
+    if chance is not None and chance >= (DEFAULT_CEILING if ceiling is None else ceiling):
+        problems.append(f"{where}.chance: {chance} must be below the ceiling ({DEFAULT_CEILING if ceiling is None else ceiling})")
+    return {"chance": chance, "ceiling": ceiling}
+
+
 def _load_task(where: str, entry: Any, data_source: str, problems: list[str], templates_dir: Path | None) -> TaskSpec | None:
     from cvit_bench.evaluation.scoring import CORPUS_SCORERS, SAMPLE_SCORERS
 
@@ -309,6 +341,7 @@ def _load_task(where: str, entry: Any, data_source: str, problems: list[str], te
     if not isinstance(shots, list) or not all(isinstance(s, int) and s >= 0 for s in shots):
         problems.append(f"{where}.shots: expected a list of non-negative integers")
         shots = [0]
+    bounds = _chance_and_ceiling(where, entry, scorer, problems)
     # Real test sets are evaluated whole unless capped; generated ones need a size.
     test_size = _positive_int(f"{where}.test_size", entry.get("test_size", 0 if real else 1), problems, allow_zero=real)
     max_new_tokens = None if entry.get("max_new_tokens") is None else _positive_int(f"{where}.max_new_tokens", entry["max_new_tokens"], problems)
@@ -316,7 +349,7 @@ def _load_task(where: str, entry: Any, data_source: str, problems: list[str], te
         train_size = _positive_int(f"{where}.train_size", entry.get("train_size", 0), problems, allow_zero=True)
         if template is None:
             return None
-        return TaskSpec(name, str(kind), template, str(scorer), train_size, test_size, tuple(shots), entry.get("data"), max_new_tokens)
+        return TaskSpec(name, str(kind), template, str(scorer), train_size, test_size, tuple(shots), entry.get("data"), max_new_tokens, **bounds)
     if "train_size" in entry:
         problems.append(f"{where}.train_size: real (llava) suites train on all of train.json; remove it")
     folder = _relative_folder(f"{where}.data", entry.get("data"), problems)
@@ -325,7 +358,7 @@ def _load_task(where: str, entry: Any, data_source: str, problems: list[str], te
         problems.append(f"{where}.obtain: expected a string saying how to get the data, got {obtain!r}")
     if template is None or folder is None:
         return None
-    return RealTaskSpec(name, str(kind), template, str(scorer), 0, test_size, tuple(shots), folder, max_new_tokens, obtain=str(obtain))
+    return RealTaskSpec(name, str(kind), template, str(scorer), 0, test_size, tuple(shots), folder, max_new_tokens, **bounds, obtain=str(obtain))
 
 
 def _load_not_computed(where: str, raw: Any, problems: list[str]) -> tuple[NotComputed, ...]:
@@ -396,6 +429,28 @@ def _load_method_defaults(where: str, raw: Any, problems: list[str]) -> dict[str
         else:
             defaults[method] = dict(options)
     return defaults
+
+
+def heldout_repeats(suite: Suite) -> list[str]:
+    """Held-out phrasings of the suite's training tasks that equal a phrasing the suite trains (any task), as problems.
+
+    A held-out phrasing measures robustness to instructions the model has not seen; one that another
+    task trains on measures nothing of the kind (cvit-v1 has three). Prompts compare with runs of
+    whitespace collapsed. ``validate`` refuses such a suite; loading it still works, so published
+    suites stay runnable.
+    """
+    trained: dict[str, str] = {}
+    for task in suite.tasks:
+        for i, phrasing in enumerate(task.template.training_phrasings(suite.instruction_setting)):
+            trained.setdefault(" ".join(phrasing.prompt.split()), f"task {task.name} ({task.template.path}: train[{i}])")
+    problems = []
+    for task in suite.tasks:
+        for i, phrasing in enumerate(task.template.heldout):
+            source = trained.get(" ".join(phrasing.prompt.split()))
+            if source is not None:
+                problems.append(f"{task.template.path}: heldout[{i}].prompt: equals a training phrasing of {source}; "
+                                "a held-out phrasing must be one no task trains on")
+    return problems
 
 
 def resolve_suite_path(name_or_path: str) -> Path:
