@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cvit_bench.data.llava_format import DataError
+from cvit_bench.ranges import SEED, range_problem
 from cvit_bench.registry import ConfigError, UnknownNameError
 from cvit_bench.suites.schema import SuiteError, load_suite, suite_names
 from cvit_bench.training.loop import NonFiniteLossError
@@ -93,7 +94,10 @@ def _parse_options(options: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--option {item!r}: the value is not a YAML scalar ({str(error).splitlines()[0]})") from None
     return overrides
 
 
@@ -101,7 +105,7 @@ def _parse_options(options: list[str]) -> dict:
 def run(
     suite: str = typer.Option("cvit-v2", help="suite name (see `cvit-bench ls`) or path to a suite YAML"),
     method: Optional[str] = typer.Option(None, help="method name (see `cvit-bench ls`), comma-separated names, or `all`"),
-    seed: int = typer.Option(0, help="fixes data generation, initialisation and batch order"),
+    seed: int = typer.Option(0, min=0, max=SEED.high, help="fixes data generation, initialisation and batch order"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (instead of --seed): one run per method and seed"),
     jobs: int = typer.Option(1, min=1, help="runs of a sweep (several methods or seeds) executed at once, as child processes"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads per run (default: all cores, divided by --jobs in a sweep)"),
@@ -109,7 +113,7 @@ def run(
     model: Optional[str] = typer.Option(None, help="local checkpoint dir or hub id (default: the suite's embedded tiny LLaVA)"),
     data_root: Optional[Path] = typer.Option(None, help="root of LLaVA-format data for real suites"),
     option: list[str] = typer.Option([], help="method config override KEY=VALUE (repeatable)"),
-    steps_per_task: Optional[int] = typer.Option(None, help="override the suite's training.steps_per_task"),
+    steps_per_task: Optional[int] = typer.Option(None, min=1, help="override the suite's training.steps_per_task"),
     max_steps: Optional[int] = typer.Option(None, min=1, help="cap on every stage's optimizer steps (a budget for real models)"),
     epochs_per_task: Optional[float] = typer.Option(None, help="train each stage ceil(E x its samples / batch size) steps (the papers: 1) instead of steps_per_task"),
     dtype: str = typer.Option("float32", help="model weights dtype: float32, bfloat16 or float16"),
@@ -135,7 +139,7 @@ def run(
 
     try:
         parse_dtype(dtype)
-        if epochs_per_task is not None and steps_per_task:
+        if epochs_per_task is not None and steps_per_task is not None:
             raise ConfigError("run: --epochs-per-task replaces --steps-per-task (give one of them)")
         if resume is not None:
             options = RunOptions.from_run_dir(resume)
@@ -150,8 +154,8 @@ def run(
                 if run_id is not None:
                     raise ConfigError("run: --run-id names one run; a sweep writes seed<N> directories")
                 extra = [arg for item in option for arg in ("--option", item)]
-                extra += [*(["--steps-per-task", str(steps_per_task)] if steps_per_task else []), *(["--model", model] if model else []),
-                          *(["--max-steps", str(max_steps)] if max_steps else []), "--dtype", dtype,
+                extra += [*(["--steps-per-task", str(steps_per_task)] if steps_per_task is not None else []), *(["--model", model] if model else []),
+                          *(["--max-steps", str(max_steps)] if max_steps is not None else []), "--dtype", dtype,
                           *(["--epochs-per-task", str(epochs_per_task)] if epochs_per_task is not None else []),
                           *(["--gradient-checkpointing"] if gradient_checkpointing else []),
                           *[arg for item in module_pattern for arg in ("--module-pattern", item)],
@@ -163,7 +167,7 @@ def run(
                                  steps_per_task, run_id, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                                  max_steps=max_steps, module_patterns=parse_module_patterns(module_pattern), epochs_per_task=epochs_per_task,
                                  order=task_order, only=only_tasks[0] if only_tasks else None)
-        if threads:
+        if threads is not None:
             options = dataclasses.replace(options, threads=threads)
         if not current_processes().is_main:  # under accelerate launch only the main process reports and writes
             run_suite(options, Reporter(), fresh=fresh, keep_checkpoint=keep_checkpoint)
@@ -218,9 +222,13 @@ def _sweep_axes(method: str, seeds: str | None, seed: int) -> tuple[list[str], l
 
 def _parse_seeds(seeds: str) -> list[int]:
     try:
-        return list(dict.fromkeys(int(value) for value in seeds.split(",")))  # a repeated seed would race for one run dir
+        parsed = list(dict.fromkeys(int(value) for value in seeds.split(",")))  # a repeated seed would race for one run dir
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    problems = [problem for seed in parsed if (problem := range_problem("--seeds", seed, SEED, integer=True))]
+    if problems:
+        raise ConfigError(problems[0])
+    return parsed
 
 
 def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results_dir: Path, jobs: int, threads: int | None, extra: list[str],
@@ -296,13 +304,13 @@ def list_things() -> None:
         except SuiteError as error:
             suites.add_row(name, "[red]invalid[/]", "", str(error.problems[0]))
     console.print(suites)
-    methods = Table("method", "option", "default", "help", title="methods")
+    methods = Table("method", "option", "default", "allowed", "help", title="methods")
     for name in METHODS.names():
         cls = METHODS.get(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        methods.add_row(f"[bold]{name}[/]", "", "", doc)
-        for field_name, default, help_text in cls.describe_config():
-            methods.add_row("", field_name, default, help_text)
+        methods.add_row(f"[bold]{name}[/]", "", "", "", doc)
+        for field_name, default, allowed, help_text in cls.describe_config():
+            methods.add_row("", field_name, default, allowed, help_text)
     console.print(methods)
     console.print("scorers: " + ", ".join([*SAMPLE_SCORERS, *CORPUS_SCORERS]))
     console.print("format contracts: " + ", ".join(CONTRACTS))
@@ -315,7 +323,7 @@ def validate(
 ) -> None:
     """Check a suite and its instruction templates; for real suites also the data files. Reports every problem with file and field."""
     from cvit_bench.suites.availability import check_data, format_report
-    from cvit_bench.suites.materialize import resolve_data_root
+    from cvit_bench.suites.materialize import check_records, materialize, resolve_data_root
     from cvit_bench.suites.schema import RealSuite
 
     try:
@@ -338,6 +346,13 @@ def validate(
     console.print(format_report(loaded, root, missing), highlight=False, soft_wrap=True)
     if missing:
         raise typer.Exit(code=1)
+    problems = check_records(loaded, materialize(loaded, 0, root))  # what a run checks before it starts
+    for problem in problems:
+        console.print(f"  {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        console.print(f"[bold red]{len(problems)} problem(s) in the records and images[/]")
+        raise typer.Exit(code=1)
+    console.print("  every record reads and every image opens")
 
 
 @app.command()
@@ -372,7 +387,7 @@ def report(
         for suite_name, (path, table) in rebuild_rank_agreement(all_results, out_dir).items():
             print_table(rank_agreement_table(table, title=f"Rank agreement: {suite_name}"))
             console.print(f"wrote {path}")
-    except (*USER_ERRORS, ValueError) as error:  # leaderboard refusals (mixed data hashes, duplicates) are ValueErrors
+    except (*USER_ERRORS, ValueError, OSError) as error:  # ValueError: refusals, malformed results; OSError: an unwritable --out-dir
         fail(error)
 
 

@@ -24,11 +24,12 @@ from torch import nn
 from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, option
 from cvit_bench.methods.sequential import LoraMethodConfig, attach_lora
+from cvit_bench.ranges import Range
 
 
 @dataclass(frozen=True)
 class LlacaConfig(LoraMethodConfig):
-    fallback_beta: float = option(0.01, "beta used when the formula leaves (0, 1) or has no previous gradient (paper's code: 0.01)")
+    fallback_beta: float = option(0.01, "beta used when the formula leaves (0, 1) or has no previous gradient (paper's code: 0.01)", Range(0, 1, low_open=True, high_open=True))
 
 
 def balance_weights(

@@ -26,12 +26,13 @@ from cvit_bench.methods.base import METHODS, Method, forward_passes, option
 from cvit_bench.methods.projection import InputBasis
 from cvit_bench.methods.sequential import LoraMethodConfig, attach_lora
 from cvit_bench.models.backend import module_map_for
+from cvit_bench.ranges import AT_LEAST_ONE, Range
 
 
 @dataclass(frozen=True)
 class PegpConfig(LoraMethodConfig):
-    threshold: float = option(0.99, "energy kept in each basis per task (the authors' ViT code: 0.99 for LoRA, 0.999 adapters, 0.90 prompts)")
-    basis_batches: int = option(8, "batches of 16 of each task's training data whose inputs build the bases")
+    threshold: float = option(0.99, "energy kept in each basis per task (the authors' ViT code: 0.99 for LoRA, 0.999 adapters, 0.90 prompts)", Range(0, 1, low_open=True))
+    basis_batches: int = option(8, "batches of 16 of each task's training data whose inputs build the bases", AT_LEAST_ONE)
     project_update: bool = option(True, "also project the optimizer's update (AdamW's per-coordinate scaling leaks into the old span)")
 
 
