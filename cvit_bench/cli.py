@@ -284,7 +284,7 @@ def prepare(
             console.print(compare_with_shipped(loaded, directory))
         if ship_it:
             directory = ship(loaded, directory, digest)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, OSError) as error:
         fail(error)
     console.print(f"base checkpoint {digest}: {directory}")
 
@@ -395,9 +395,9 @@ def report(
 def bench(
     suite: str = typer.Option("cvit-v2", help="suite whose base model, first task and batch size are used"),
     method: list[str] = typer.Option([], help="methods to measure (repeatable; default: every registered method)"),
-    steps: int = typer.Option(20, help="timed training steps per method (after the warm-up)"),
-    warmup: int = typer.Option(3, help="untimed warm-up steps per method"),
-    eval_samples: int = typer.Option(64, help="samples generated for the evaluation throughput"),
+    steps: int = typer.Option(20, min=1, help="timed training steps per method (after the warm-up)"),
+    warmup: int = typer.Option(3, min=0, help="untimed warm-up steps per method"),
+    eval_samples: int = typer.Option(64, min=1, help="samples generated for the evaluation throughput"),
     out: Path = typer.Option(Path("bench.json"), help="where the JSON report goes"),
 ) -> None:
     """Train-step time of every method relative to seqlora on the same batches, its FLOPs and MFU, eval throughput and peak memory."""
@@ -417,7 +417,7 @@ def bench(
             peak = matmul_peak_gflops()
             rows = run_benchmark(loaded, names, peak_gflops=peak, steps=steps, warmup=warmup, eval_samples=eval_samples,
                                  report=lambda name: status.update(f"benchmarking {name}"))
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, OSError) as error:
         fail(error)
     table = Table(title=f"cvit-bench bench: {loaded.name}, batch {loaded.training.batch_size}, {steps} timed steps")
     for header in ("method", "step ms", f"x {REFERENCE_METHOD}", "GFLOP/step", "MFU %", "eval samples/s", "eval tokens/s", "peak MB", "trainable"):
@@ -429,7 +429,10 @@ def bench(
                       f"{row.eval_tokens_per_s:.0f}", f"{row.peak_memory_mb:.0f}", f"{row.trainable_params:,}")
     print_table(table)
     console.print(f"fp32 matmul peak: {peak:.1f} GFLOP/s (best of 2048 x 2048 products, {torch.get_num_threads()} threads)")
-    atomic_write_json(out, rows_to_json(rows, loaded, steps, warmup, peak))
+    try:
+        atomic_write_json(out, rows_to_json(rows, loaded, steps, warmup, peak))
+    except OSError as error:  # an unwritable --out; the message names the file
+        fail(error)
     console.print(f"wrote {out}")
 
 
@@ -439,7 +442,7 @@ def check(
     method: list[str] = typer.Option([], help="methods to check (repeatable; default: all in the bands file); with --record, the methods to record"),
     record: bool = typer.Option(False, help="run the methods with --seeds and rewrite their bands instead of checking (other methods' bands are kept)"),
     seeds: str = typer.Option("0,1,2", help="seeds whose spread defines the bands (with --record; the first becomes the check seed)"),
-    k: float = typer.Option(3.0, help="band half-width in sample standard deviations (with --record)"),
+    k: float = typer.Option(3.0, min=0.0, help="band half-width in sample standard deviations (with --record)"),
     results_dir: Optional[Path] = typer.Option(None, help="keep the runs here (default: a temporary directory; an existing one is resumed)"),
     order: Optional[str] = typer.Option(None, help="train the tasks in this order (as `run --order`); its bands are checks/<suite>-order-<name>.yaml"),
 ) -> None:
@@ -479,7 +482,7 @@ def check(
                         reporter.message(f"{name} seed {seed}")
                         run_dir = run_suite(RunOptions(loaded, name, seed, directory, order=task_order), reporter)
                         results.setdefault(name, []).append(read_json(run_dir / "results.json"))
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, OSError) as error:
         fail(error)
     if record:
         write_bands(path, loaded.name, seed_list, seed_list[:1], k, kept | derive_bands(results, k), task_order)
