@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cvit_bench.io import atomic_write_json, default_mode, fsync_dir, read_json, to_jsonable
+from cvit_bench.io import atomic_write_json, fsync_dir, publish_tree, read_json, to_jsonable
 from cvit_bench.registry import ConfigError
 
 POINTER = "checkpoint.json"
@@ -126,9 +126,13 @@ def save_checkpoint(
         final = run_dir / f"{_PREFIX}{stage}"
         if final.exists():  # left by a run killed after the rename but before the pointer moved: never pointed to
             shutil.rmtree(final)
-        os.chmod(staging, default_mode(directory=True))
+        publish_tree(staging)
         staging.rename(final)
         fsync_dir(run_dir)  # the folder is on disk before the pointer names it
+    except (OSError, SafetensorError) as error:  # disk full, permissions: say which checkpoint, keep the previous one
+        shutil.rmtree(staging, ignore_errors=True)
+        message = f"writing the stage {stage} checkpoint in {run_dir} failed ({error}); the previous checkpoint is kept and a re-run continues from it"
+        raise OSError(message) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -139,6 +143,13 @@ def save_checkpoint(
 def _remove_stale(run_dir: Path, keep: str | None) -> None:
     for path in run_dir.iterdir():
         if path.is_dir() and path.name != keep and path.name.lstrip(".").startswith(_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_unfinished(run_dir: Path) -> None:
+    """Staging folders of checkpoint writes that a kill interrupted (never pointed to); run while holding the run's lock."""
+    for path in run_dir.iterdir():
+        if path.is_dir() and path.name.startswith(f".{_PREFIX}"):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -197,7 +208,7 @@ def export_stage_weights(directory: Path, model: nn.Module, trained: set[str], m
         save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, staging / METHOD_TENSORS)
         if directory.exists():
             shutil.rmtree(directory)
-        os.chmod(staging, default_mode(directory=True))
+        publish_tree(staging)
         staging.rename(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cvit_bench.data.llava_format import DataError
+from cvit_bench.ranges import SEED, range_problem
 from cvit_bench.registry import ConfigError, UnknownNameError
 from cvit_bench.suites.schema import SuiteError, load_suite, suite_names
 from cvit_bench.training.loop import NonFiniteLossError
@@ -93,7 +94,10 @@ def _parse_options(options: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--option {item!r}: the value is not a YAML scalar ({str(error).splitlines()[0]})") from None
     return overrides
 
 
@@ -101,7 +105,7 @@ def _parse_options(options: list[str]) -> dict:
 def run(
     suite: str = typer.Option("cvit-v2", help="suite name (see `cvit-bench ls`) or path to a suite YAML"),
     method: Optional[str] = typer.Option(None, help="method name (see `cvit-bench ls`), comma-separated names, or `all`"),
-    seed: int = typer.Option(0, help="fixes data generation, initialisation and batch order"),
+    seed: int = typer.Option(0, min=0, max=SEED.high, help="fixes data generation, initialisation and batch order"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (instead of --seed): one run per method and seed"),
     jobs: int = typer.Option(1, min=1, help="runs of a sweep (several methods or seeds) executed at once, as child processes"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads per run (default: all cores, divided by --jobs in a sweep)"),
@@ -110,7 +114,7 @@ def run(
     model: Optional[str] = typer.Option(None, help="local checkpoint dir or hub id (default: the suite's embedded tiny LLaVA)"),
     data_root: Optional[Path] = typer.Option(None, help="root of LLaVA-format data for real suites"),
     option: list[str] = typer.Option([], help="method config override KEY=VALUE (repeatable)"),
-    steps_per_task: Optional[int] = typer.Option(None, help="override the suite's training.steps_per_task"),
+    steps_per_task: Optional[int] = typer.Option(None, min=1, help="override the suite's training.steps_per_task"),
     max_steps: Optional[int] = typer.Option(None, min=1, help="cap on every stage's optimizer steps (a budget for real models)"),
     epochs_per_task: Optional[float] = typer.Option(None, help="train each stage ceil(E x its samples / batch size) steps (the papers: 1) instead of steps_per_task"),
     dtype: str = typer.Option("float32", help="model weights dtype: float32, bfloat16 or float16 (adapters stay float32, as peft keeps them)"),
@@ -140,7 +144,7 @@ def run(
 
     try:
         parse_dtype(dtype)
-        if epochs_per_task is not None and steps_per_task:
+        if epochs_per_task is not None and steps_per_task is not None:
             raise ConfigError("run: --epochs-per-task replaces --steps-per-task (give one of them)")
         if resume is not None:
             options = RunOptions.from_run_dir(resume)
@@ -155,8 +159,8 @@ def run(
                 if run_id is not None:
                     raise ConfigError("run: --run-id names one run; a sweep writes seed<N> directories")
                 extra = [arg for item in option for arg in ("--option", item)]
-                extra += [*(["--steps-per-task", str(steps_per_task)] if steps_per_task else []), *(["--model", model] if model else []),
-                          *(["--max-steps", str(max_steps)] if max_steps else []), "--dtype", dtype,
+                extra += [*(["--steps-per-task", str(steps_per_task)] if steps_per_task is not None else []), *(["--model", model] if model else []),
+                          *(["--max-steps", str(max_steps)] if max_steps is not None else []), "--dtype", dtype,
                           *(["--epochs-per-task", str(epochs_per_task)] if epochs_per_task is not None else []),
                           *(["--gradient-checkpointing"] if gradient_checkpointing else []),
                           *[arg for item in module_pattern for arg in ("--module-pattern", item)],
@@ -172,7 +176,7 @@ def run(
                                  order=task_order, only=only_tasks[0] if only_tasks else None, batch_size=batch_size,
                                  grad_accum=grad_accum, mixed_precision=mixed_precision or launch_mixed_precision(),
                                  save_adapters=save_adapters)
-        if threads:
+        if threads is not None:
             options = dataclasses.replace(options, threads=threads)
         options = dataclasses.replace(options, data_workers=data_workers)
         if not current_processes().is_main:  # under accelerate launch only the main process reports and writes
@@ -228,9 +232,13 @@ def _sweep_axes(method: str, seeds: str | None, seed: int) -> tuple[list[str], l
 
 def _parse_seeds(seeds: str) -> list[int]:
     try:
-        return list(dict.fromkeys(int(value) for value in seeds.split(",")))  # a repeated seed would race for one run dir
+        parsed = list(dict.fromkeys(int(value) for value in seeds.split(",")))  # a repeated seed would race for one run dir
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    problems = [problem for seed in parsed if (problem := range_problem("--seeds", seed, SEED, integer=True))]
+    if problems:
+        raise ConfigError(problems[0])
+    return parsed
 
 
 def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results_dir: Path, jobs: int, threads: int | None, extra: list[str],
@@ -248,7 +256,7 @@ def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results
                 materialize(loaded, seed)
             if "--model" not in extra:
                 prepare_base(loaded, report=reporter.step)
-    threads = threads or default_threads(jobs)
+    threads = default_threads(jobs) if threads is None else threads
     runs = plan_sweep(suite_ref, loaded.name, methods, seeds, results_dir, threads, extra, order, only)
     in_order = f", order {order.name}" if order else ""
     console.print(f"sweep: {len(runs)} runs of {loaded.name}{in_order} ({len(methods)} methods x seeds {seeds}), {jobs} at a time, {threads} threads each")
@@ -308,7 +316,7 @@ def prepare(
             console.print(compare_with_shipped(loaded, directory))
         if ship_it:
             directory = ship(loaded, directory, digest)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, OSError) as error:
         fail(error)
     console.print(f"base checkpoint {digest}: {directory}")
 
@@ -328,13 +336,13 @@ def list_things() -> None:
         except SuiteError as error:
             suites.add_row(name, "[red]invalid[/]", "", str(error.problems[0]))
     console.print(suites)
-    methods = Table("method", "option", "default", "help", title="methods")
+    methods = Table("method", "option", "default", "allowed", "help", title="methods")
     for name in METHODS.names():
         cls = METHODS.get(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        methods.add_row(f"[bold]{name}[/]", "", "", doc)
-        for field_name, default, help_text in cls.describe_config():
-            methods.add_row("", field_name, default, help_text)
+        methods.add_row(f"[bold]{name}[/]", "", "", "", doc)
+        for field_name, default, allowed, help_text in cls.describe_config():
+            methods.add_row("", field_name, default, allowed, help_text)
     console.print(methods)
     console.print("scorers: " + ", ".join([*SAMPLE_SCORERS, *CORPUS_SCORERS]))
     console.print("format contracts: " + ", ".join(CONTRACTS))
@@ -347,7 +355,7 @@ def validate(
 ) -> None:
     """Check a suite and its instruction templates; for real suites also the data files. Reports every problem with file and field."""
     from cvit_bench.suites.availability import check_data, format_report
-    from cvit_bench.suites.materialize import resolve_data_root
+    from cvit_bench.suites.materialize import check_records, materialize, resolve_data_root
     from cvit_bench.suites.schema import RealSuite, heldout_repeats
 
     try:
@@ -373,6 +381,13 @@ def validate(
     console.print(format_report(loaded, root, missing), highlight=False, soft_wrap=True)
     if missing:
         raise typer.Exit(code=1)
+    problems = check_records(loaded, materialize(loaded, 0, root))  # what a run checks before it starts
+    for problem in problems:
+        console.print(f"  {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        console.print(f"[bold red]{len(problems)} problem(s) in the records and images[/]")
+        raise typer.Exit(code=1)
+    console.print("  every record reads and every image opens")
 
 
 @app.command()
@@ -462,7 +477,7 @@ def report(
         for suite_name, (path, table) in rebuild_rank_agreement(all_results, out_dir).items():
             print_table(rank_agreement_table(table, title=f"Rank agreement: {suite_name}"))
             console.print(f"wrote {path}")
-    except (*USER_ERRORS, ValueError) as error:  # leaderboard refusals (mixed data hashes, duplicates) are ValueErrors
+    except (*USER_ERRORS, ValueError, OSError) as error:  # ValueError: refusals, malformed results; OSError: an unwritable --out-dir
         fail(error)
 
 
@@ -470,9 +485,9 @@ def report(
 def bench(
     suite: str = typer.Option("cvit-v2", help="suite whose base model, first task and batch size are used"),
     method: list[str] = typer.Option([], help="methods to measure (repeatable; default: every registered method)"),
-    steps: int = typer.Option(20, help="timed training steps per method (after the warm-up)"),
-    warmup: int = typer.Option(3, help="untimed warm-up steps per method"),
-    eval_samples: int = typer.Option(64, help="samples generated for the evaluation throughput"),
+    steps: int = typer.Option(20, min=1, help="timed training steps per method (after the warm-up)"),
+    warmup: int = typer.Option(3, min=0, help="untimed warm-up steps per method"),
+    eval_samples: int = typer.Option(64, min=1, help="samples generated for the evaluation throughput"),
     out: Path = typer.Option(Path("bench.json"), help="where the JSON report goes"),
 ) -> None:
     """Train-step time of every method relative to seqlora on the same batches, its FLOPs and MFU, eval throughput and peak memory."""
@@ -492,7 +507,7 @@ def bench(
             peak = matmul_peak_gflops()
             rows = run_benchmark(loaded, names, peak_gflops=peak, steps=steps, warmup=warmup, eval_samples=eval_samples,
                                  report=lambda name: status.update(f"benchmarking {name}"))
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, OSError) as error:
         fail(error)
     table = Table(title=f"cvit-bench bench: {loaded.name}, batch {loaded.training.batch_size}, {steps} timed steps")
     for header in ("method", "step ms", f"x {REFERENCE_METHOD}", "GFLOP/step", "MFU %", "eval samples/s", "eval tokens/s", "peak MB", "trainable"):
@@ -504,7 +519,10 @@ def bench(
                       f"{row.eval_tokens_per_s:.0f}", f"{row.peak_memory_mb:.0f}", f"{row.trainable_params:,}")
     print_table(table)
     console.print(f"fp32 matmul peak: {peak:.1f} GFLOP/s (best of 2048 x 2048 products, {torch.get_num_threads()} threads)")
-    atomic_write_json(out, rows_to_json(rows, loaded, steps, warmup, peak))
+    try:
+        atomic_write_json(out, rows_to_json(rows, loaded, steps, warmup, peak))
+    except OSError as error:  # an unwritable --out; the message names the file
+        fail(error)
     console.print(f"wrote {out}")
 
 
@@ -514,7 +532,7 @@ def check(
     method: list[str] = typer.Option([], help="methods to check (repeatable; default: all in the bands file); with --record, the methods to record"),
     record: bool = typer.Option(False, help="run the methods with --seeds and rewrite their bands instead of checking (other methods' bands are kept)"),
     seeds: str = typer.Option("0,1,2", help="seeds whose spread defines the bands (with --record; the first becomes the check seed)"),
-    k: float = typer.Option(3.0, help="band half-width in sample standard deviations (with --record)"),
+    k: float = typer.Option(3.0, min=0.0, help="band half-width in sample standard deviations (with --record)"),
     results_dir: Optional[Path] = typer.Option(None, help="keep the runs here (default: a temporary directory; an existing one is resumed)"),
     order: Optional[str] = typer.Option(None, help="train the tasks in this order (as `run --order`); its bands are checks/<suite>-order-<name>.yaml"),
 ) -> None:
@@ -554,7 +572,7 @@ def check(
                         reporter.message(f"{name} seed {seed}")
                         run_dir = run_suite(RunOptions(loaded, name, seed, directory, order=task_order), reporter)
                         results.setdefault(name, []).append(read_json(run_dir / "results.json"))
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, OSError) as error:
         fail(error)
     if record:
         write_bands(path, loaded.name, seed_list, seed_list[:1], k, kept | derive_bands(results, k), task_order)

@@ -20,6 +20,7 @@ import numpy as np
 # permissions a plain open() would give them.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_TEMPORARY_SUFFIX = ".tmp"  # atomic writes go through `.NAME.XXXX.tmp` next to their target
 
 
 def default_mode(directory: bool = False) -> int:
@@ -36,11 +37,33 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(descriptor)
 
 
+def publish_tree(directory: str | os.PathLike) -> None:
+    """Give a folder built under a temporary name (tempfile: 0700; safetensors: 0600) and everything in it the
+    permissions plain open()/mkdir() would, before it is renamed into place: one policy for every file cvit-bench writes."""
+    directory = Path(directory)
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, default_mode(directory=path.is_dir()))
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of atomic writes that were killed mid-way (``.NAME.*.tmp``, often zero bytes).
+
+    Call only while no other process writes into ``directory`` (a run holds its directory's lock).
+    """
+    removed = []
+    for path in Path(directory).glob(f".*{_TEMPORARY_SUFFIX}"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that `path` holds either the old content or all of `data`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX, delete=False)
     try:
         with tmp:
             tmp.write(data)

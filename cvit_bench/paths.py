@@ -1,12 +1,40 @@
-"""Where cached data and base checkpoints live: the user's cache directory unless ``CVIT_BENCH_CACHE`` names one."""
+"""Where cached data and base checkpoints live (the user's cache directory unless ``CVIT_BENCH_CACHE`` names one), and which names may become paths.
+
+Suite, task and run names come from YAML files and the command line and end up as folder and
+file names under a results directory, a cache or a leaderboard folder. They are limited to
+:data:`SAFE_NAME`, and a path built from them is checked with :func:`inside` before anything is
+written or deleted there, so no name can lead a write (or a ``--fresh`` clean-up) out of its root.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 CACHE_ENV = "CVIT_BENCH_CACHE"
+from cvit_bench.registry import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+SAFE_NAME_RULE = "1-128 characters of A-Z a-z 0-9 . _ -, not starting with '.' or '-'"
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a folder or file name (None when it can): no separators, no '..', no hidden or option-like names."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        return f"{name!r} is not a safe name ({SAFE_NAME_RULE})"
+    return None
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """``root / parts``, refused (ConfigError naming both) when it would resolve outside ``root``."""
+    root = Path(root)
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(f"{path}: leaves {root}; refusing to write there")
+    return path
 
 
 def cache_dir() -> Path:

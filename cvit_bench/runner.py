@@ -15,7 +15,6 @@ import random
 import shutil
 import subprocess
 import time
-import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,22 +29,23 @@ from filelock import FileLock, Timeout
 from torch import nn
 
 from cvit_bench.checkpoint import (ADAPTERS_DIR, Checkpoint, export_stage_weights, load_checkpoint, load_model_tensors, load_stage_weights,
-                                   model_tensors, remove_checkpoints, restore_rng, save_checkpoint)
+                                   model_tensors, remove_checkpoints, remove_unfinished, restore_rng, save_checkpoint)
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
 from cvit_bench.distributed import Processes, current_processes, shard_frozen_weights
 from cvit_bench.evaluation.contracts import FAMILIES
 from cvit_bench.evaluation.evaluate import EvalSet, score_set
 from cvit_bench.evaluation.generate import Lockstep, generate
-from cvit_bench.io import atomic_write_json, atomic_write_text, read_json, to_jsonable
+from cvit_bench.io import atomic_write_json, atomic_write_text, read_json, remove_temporaries, to_jsonable
 from cvit_bench.methods import METHODS, Method
-from cvit_bench.methods.base import StagePlan, recorded_config
+from cvit_bench.methods.base import StagePlan, build_config, recorded_config
 from cvit_bench.metrics import BOOTSTRAP, all_metrics, last_format_floor
 from cvit_bench.models.backend import load_model, parse_dtype
 from cvit_bench.models.base_checkpoint import prepare_base
-from cvit_bench.paths import config_differences, config_hash
+from cvit_bench.paths import config_differences, config_hash, inside, name_problem
+from cvit_bench.ranges import AT_LEAST_ONE, SEED, range_problem
 from cvit_bench.registry import ConfigError
-from cvit_bench.suites.materialize import SuiteData, materialize, resolve_data_root
+from cvit_bench.suites.materialize import SuiteData, materialize, require_valid_records, resolve_data_root
 from cvit_bench.suites.orders import TaskOrder, default_run_id, in_order, resolve_order, single_task
 from cvit_bench.suites.schema import REPO_ROOT, EvaluationConfig, RealSuite, Suite, SuiteError, TaskSpec, TrainingConfig, resolve_suite_path
 from cvit_bench.training.loop import NonFiniteLossError, Precision, fp32_trained_weights, precision_for, train_stage
@@ -88,6 +88,7 @@ class RunOptions:
     save_adapters: bool = False  # export each stage's trained weights under RUN_DIR/adapters/stage<K>/
 
     def __post_init__(self) -> None:
+        self._check_values()
         self.suite = in_order(self.suite, self.order)  # the suite as trained: everything downstream reads its tasks in this order
         if self.only is not None:
             self.suite = single_task(self.suite, self.only)
@@ -98,9 +99,22 @@ class RunOptions:
         if self.grad_accum < 1:
             raise ConfigError(f"--grad-accum must be a positive integer, got {self.grad_accum}")
 
+    def _check_values(self) -> None:
+        """Numbers and the run id as they arrive (command line, ``run_request.json``, the API): a value outside its range
+        never reaches the run, and 0 is checked like any value, never taken for "not given"."""
+        checks = [("--seed", self.seed, SEED), ("--steps-per-task", self.steps_per_task, AT_LEAST_ONE),
+                  ("--max-steps", self.max_steps, AT_LEAST_ONE), ("--threads", self.threads, AT_LEAST_ONE)]
+        problems = [problem for flag, value, allowed in checks
+                    if value is not None and (problem := range_problem(flag, value, allowed, integer=True))]
+        if self.run_id is not None and name_problem(self.run_id):
+            problems.append(f"--run-id: {name_problem(self.run_id)}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
     @property
     def run_dir(self) -> Path:
-        return self.results_dir / self.suite.name / self.method / (self.run_id or default_run_id(self.seed, self.order and self.order.name, self.only))
+        run_id = self.run_id if self.run_id is not None else default_run_id(self.seed, self.order and self.order.name, self.only)
+        return inside(self.results_dir, self.suite.name, self.method, run_id)
 
     def request(self) -> dict[str, Any]:
         """The options as JSON; a shipped suite is named rather than located, so a run directory can move between clones."""
@@ -138,14 +152,19 @@ class RunOptions:
         if not request_path.is_file():
             raise ConfigError(f"{run_dir}: not a run directory ({REQUEST_FILE} is missing)")
         request = read_json(request_path)
-        suite = load_suite(request["suite"])
-        options = cls(
-            suite=suite, method=request["method"], seed=request["seed"], order=resolve_order(suite, request.get("order")), only=request.get("only"),
-            results_dir=run_dir.parent.parent.parent, model=request["model"],
-            data_root=None if request["data_root"] is None else Path(request["data_root"]),
-            method_overrides=request["method_overrides"], steps_per_task=request["steps_per_task"], run_id=run_dir.name,
-            threads=request.get("threads"), **{key: request[key] for key in BACKEND_OPTIONS + REQUEST_ONLY_OPTIONS if key in request},
-        )
+        try:
+            suite = load_suite(request["suite"])
+            options = cls(
+                suite=suite, method=request["method"], seed=request["seed"], order=resolve_order(suite, request.get("order")), only=request.get("only"),
+                results_dir=run_dir.parent.parent.parent, model=request["model"],
+                data_root=None if request["data_root"] is None else Path(request["data_root"]),
+                method_overrides=request["method_overrides"], steps_per_task=request["steps_per_task"], run_id=run_dir.name,
+                threads=request.get("threads"), **{key: request[key] for key in BACKEND_OPTIONS + REQUEST_ONLY_OPTIONS if key in request},
+            )
+        except ConfigError as error:
+            raise ConfigError(f"{request_path}: {error}") from None
+        except (KeyError, TypeError, AttributeError) as error:  # an edited or truncated request
+            raise ConfigError(f"{request_path}: malformed run request ({type(error).__name__}: {error})") from None
         if options.run_dir.resolve() != run_dir.resolve():
             raise ConfigError(f"{request_path}: describes a run of {options.suite.name}/{options.method}, which belongs in {options.run_dir}")
         return options
@@ -180,38 +199,9 @@ class EvalPlan:
 
 def build_method(name: str, overrides: dict[str, Any], suite_defaults: dict[str, Any] | None = None) -> Method:
     """Instantiate a registered method: its config defaults, then the suite's ``method_defaults``, then ``overrides``;
-    unknown options fail with the valid field names."""
+    unknown options fail with the valid field names, values outside their range with the range."""
     cls = METHODS.get(name)
-    overrides = {**(suite_defaults or {}), **overrides}
-    hints = typing.get_type_hints(cls.config_class)
-    unknown = sorted(set(overrides) - set(hints))
-    if unknown:
-        raise ConfigError(f"method {name!r}: unknown option(s) {unknown} (valid: {sorted(hints)})")
-    try:
-        config = cls.config_class(**{key: _typed_option(name, key, value, hints[key]) for key, value in overrides.items()})
-    except ValueError as error:  # a config's own validation (__post_init__)
-        raise ConfigError(f"method {name!r}: {error}") from None
-    return cls(config)
-
-
-def _typed_option(method: str, key: str, value: Any, hint: Any) -> Any:
-    """An option value of its field's type; YAML reads ``1e-4`` as a string, so numbers written that way are parsed."""
-    allowed = typing.get_args(hint) or (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    if bool in allowed and isinstance(value, bool):
-        return value
-    if int in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if float in allowed and not isinstance(value, bool):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    if str in allowed and isinstance(value, str):
-        return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    raise ConfigError(f"method {method!r}: option {key}={value!r} must be {names}")
+    return cls(build_config(name, cls.config_class, {**(suite_defaults or {}), **overrides}))
 
 
 def build_eval_plan(suite: Suite, data: SuiteData, collator: Collator, seed: int) -> EvalPlan:
@@ -435,37 +425,44 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
         options = dataclasses.replace(options, data_root=resolve_data_root(options.data_root))
     run_dir = options.run_dir
     wall_start = time.perf_counter()
-    if options.threads:
+    if options.threads is not None:
         torch.set_num_threads(options.threads)
 
     with processes.main_first():
         data = materialize(suite, options.seed, options.data_root)
+        require_valid_records(suite, data)  # before a model is built or loaded and before the run directory is touched
         if options.model is None:
             model_dir, base_hash = prepare_base(suite, report=reporter.step)
         else:
             model_dir, base_hash = Path(options.model), f"external:{options.model}"
     # Under epochs per task each stage's steps follow from its samples; no steps_per_task applies (recorded as null).
-    steps_per_task = None if epochs is not None else options.steps_per_task or suite.training.steps_per_task
+    steps_per_task = None if epochs is not None else options.steps_per_task if options.steps_per_task is not None else suite.training.steps_per_task
     config = resolved_config(options, method, data, base_hash, steps_per_task)
     if processes.is_main:
         reporter.message(setup_line(options, method, steps_per_task, processes))
 
     with run_lock(run_dir) if processes.is_main else contextlib.nullcontext():
-        if fresh and processes.is_main:
-            clear_run(run_dir)
+        if processes.is_main:
+            if fresh:
+                clear_run(run_dir)
+            remove_temporaries(run_dir)  # left by writes a kill interrupted; the lock says no one else writes here
+            remove_unfinished(run_dir)
         processes.wait()
         finished = run_dir / "results.json"
         if finished.is_file():
             info = read_json(finished).get("run_info", {})
             _check_same_setup(run_dir, "results.json", info, config, options.seed)
             if info.get("status") == "complete":
-                if not keep_checkpoint and processes.is_main:
+                if not (keep_checkpoint or info.get("kept_checkpoint")) and processes.is_main:
                     remove_checkpoints(run_dir)  # left if the process died between results.json and the clean-up
                 reporter.message(f"{finished} is already complete (pass --fresh to run again)")
                 return run_dir
         checkpoint = load_checkpoint(run_dir)
         if checkpoint is not None:
             _check_same_setup(run_dir, "checkpoint", checkpoint.state, config, options.seed)
+            sessions = checkpoint.state["progress"].get("sessions") or []
+            if options.threads is None and sessions:  # CPU sums depend on the thread count: continue with the run's first
+                torch.set_num_threads(sessions[0]["threads"])
         if processes.is_main:
             atomic_write_json(run_dir / REQUEST_FILE, options.request())
         return _run_stages(options, method, run_dir, data, model_dir, base_hash, config, steps_per_task, checkpoint,
@@ -549,7 +546,8 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             steps = step_plan.steps
             if epochs is not None:  # exact arithmetic: 1.1 epochs of 200 at batch 4 is 55 steps, not 56
                 steps = math.ceil(Fraction(str(epochs)) * len(samples) / suite.training.batch_size)
-            steps = min(steps, options.max_steps or steps)
+            if options.max_steps is not None:
+                steps = min(steps, options.max_steps)
             reporter.stage(stage, step_plan.tasks, steps)
             method.before_stage(stage, step_plan.tasks, model)
             progress.trained |= trainable_names(model)
@@ -621,6 +619,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
             "resumed_after_stages": progress.resumed_after,
             "sessions": progress.sessions,
             "status": "complete",
+            **({"kept_checkpoint": True} if keep_checkpoint else {}),  # a re-run of the finished run keeps it too
         },
         "matrices": reported,
         "metrics": run_metrics(suite, reported, plan),
@@ -647,7 +646,7 @@ def reevaluate_stage(run_dir: Path, stage: int, reporter: Reporter | None = None
     options = RunOptions.from_run_dir(run_dir)
     run_dir = options.run_dir
     method = build_method(options.method, options.method_overrides, options.suite.method_defaults.get(options.method))
-    steps_per_task = None if options.epochs() is not None else options.steps_per_task or options.suite.training.steps_per_task
+    steps_per_task = None if options.epochs() is not None else options.steps_per_task if options.steps_per_task is not None else options.suite.training.steps_per_task
     plans = method.stage_plan(options.suite.task_names, steps_per_task or 0)
     if not 1 <= stage <= len(plans) or not plans[stage - 1].tasks:
         trained = [k for k, plan in enumerate(plans, start=1) if plan.tasks]

@@ -9,6 +9,7 @@ image root are rejected, except links into directories the user names in
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,15 +88,31 @@ def _record_from_json(raw: Any, where: str, image_root: Path) -> Record:
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise DataError(f"{where}.answers: expected a non-empty list of strings")
     return Record(
-        id=str(raw.get("id", where)),
+        id=str(_field(raw, "id", where, (str, int), "a string or integer", where)),
         image=safe_image_path(image_root, raw.get("image"), where),
-        question=str(question),
-        answer=str(raw.get("answer", answer)),
+        question=_field(raw, "question", where, str, "a string", question),
+        answer=_field(raw, "answer", where, str, "a string", answer),
         answers=tuple(answers),
-        options=tuple(raw.get("options", ())),
-        box=tuple(float(v) for v in raw.get("box", ())),
-        meta=dict(raw.get("meta", {})),
+        options=tuple(_field(raw, "options", where, list, "a list of strings", [], item=str)),
+        box=_box(raw.get("box", []), where),
+        meta=_field(raw, "meta", where, dict, "an object", {}),
     )
+
+
+def _field(raw: dict, key: str, where: str, types: type | tuple[type, ...], expected: str, default: Any, item: type | None = None) -> Any:
+    """``raw[key]`` (``default`` when absent) of the JSON type a record's field must have, else a DataError naming it."""
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, types) or (item is not None and not all(isinstance(v, item) for v in value)):
+        raise DataError(f"{where}.{key}: expected {expected}, got {value!r}")
+    return value
+
+
+def _box(value: Any, where: str) -> tuple[float, ...]:
+    """A box is absent (``[]``) or four finite numbers x1, y1, x2, y2 (the grounding scorers index all four)."""
+    numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not numbers or len(value) not in (0, 4):
+        raise DataError(f"{where}.box: expected four finite numbers [x1, y1, x2, y2] (or none), got {value!r}")
+    return tuple(float(v) for v in value)
 
 
 def read_llava_json(json_path: Path, image_root: Path | None = None) -> list[Record]:

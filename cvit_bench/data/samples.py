@@ -6,12 +6,15 @@ to look back at the suite.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cvit_bench.data.llava_format import DataError, Record
 from cvit_bench.suites.schema import Phrasing
@@ -110,14 +113,30 @@ def phrase_all(
     return samples
 
 
+@contextlib.contextmanager
+def opened_image(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` whose every failure is a DataError naming the file: unreadable, not an image, corrupt, or a
+    decompression bomb (more pixels than ``Image.MAX_IMAGE_PIXELS``; PIL only warns below twice that, here it fails)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                yield image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DataError(f"{path}: cannot read image ({error})") from None
+
+
+def check_image(path: Path) -> None:
+    """Open ``path`` and verify its structure without decoding every pixel (a run's data check reads every image this way)."""
+    with opened_image(path) as image:
+        image.verify()
+
+
 def load_image(path: Path) -> Image.Image:
     """Decode one image as RGB; a corrupt or unreadable file fails with its path.
 
     Nothing is kept: images are decoded per batch (see ``data/loading.py``), so host memory
     does not grow with the dataset.
     """
-    try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise DataError(f"{path}: cannot read image ({error})") from None
+    with opened_image(path) as opened:
+        return opened.convert("RGB")

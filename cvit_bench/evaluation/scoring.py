@@ -615,3 +615,16 @@ def score_task(scorer: str, outputs: list[str], samples: list[dict]) -> TaskScor
         return TaskScores(captions.per_sample_cider, captions.corpus, captions.skipped)
     per_sample = cider_single_reference_scores(outputs, references)
     return TaskScores(per_sample, {"CIDEr": sum(per_sample) / len(per_sample)})
+
+
+def sample_problem(scorer: str, sample: dict) -> str | None:
+    """The field that keeps ``scorer`` from scoring ``sample`` (the dict of ``Sample.scoring_fields``), or None.
+
+    A run checks every record with this before it trains, so a record a scorer cannot read fails
+    up front with its file and field instead of as an exception after hours of training.
+    """
+    if scorer in ("vqa_accuracy", "vqa_accuracy_vqaeval") and len(sample["answers"]) < 2:
+        return f"answers: {scorer} needs at least 2 annotator answers, got {len(sample['answers'])}"
+    if scorer in ("grounding_iou", "grounding_iou_strict") and len(sample["box"]) != 4:
+        return f"box: {scorer} needs a box [x1, y1, x2, y2], got {list(sample['box'])}"
+    return None

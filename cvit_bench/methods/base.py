@@ -7,6 +7,7 @@ dataset, a loss term) rather than mutating shared state.
 from __future__ import annotations
 
 import contextlib
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, ContextManager, Iterator
 
@@ -15,7 +16,8 @@ from torch import nn
 
 from cvit_bench.data.samples import Sample
 from cvit_bench.models.backend import projector_parameters, vision_parameters
-from cvit_bench.registry import Registry
+from cvit_bench.ranges import ANY, POSITIVE, Range, range_problem
+from cvit_bench.registry import ConfigError, Registry
 from cvit_bench.training.batches import shuffled_batches
 
 
@@ -28,13 +30,73 @@ class StagePlan:
     rows: tuple[int, ...]
 
 
-def option(default: Any, help: str, *, added_later: bool = False) -> Any:
-    """A config field whose help text ``cvit-bench ls`` prints.
+def option(default: Any, help: str, allowed: Range | None = None, *, added_later: bool = False) -> Any:
+    """A config field whose help text and allowed range ``cvit-bench ls`` prints; a numeric field without ``allowed``
+    takes any finite value.
 
     ``added_later``: the option came after results were published; at its default it is left out
     of the recorded config (see :func:`recorded_config`), so those results keep their config hash.
     """
-    return field(default=default, metadata={"help": help, "added_later": added_later})
+    return field(default=default, metadata={"help": help, "allowed": allowed, "added_later": added_later})
+
+
+def _numeric(hint: Any) -> type | None:
+    """int or float when a config field holds a number (``float | None`` too), else None."""
+    allowed = typing.get_args(hint) or (hint,)
+    return int if int in allowed else float if float in allowed else None
+
+
+def option_range(config_class: type[MethodConfig], name: str) -> Range | None:
+    """The range a numeric config field allows (None for other fields)."""
+    f = {f.name: f for f in fields(config_class)}[name]
+    return f.metadata.get("allowed") or ANY if _numeric(typing.get_type_hints(config_class)[name]) else None
+
+
+def build_config(method: str, config_class: type[MethodConfig], options: dict[str, Any]) -> MethodConfig:
+    """A method's config from ``options`` (``--option`` values, a suite's ``method_defaults``): every value typed against
+    its field and checked against its range; all problems are reported at once as a ConfigError naming the options."""
+    hints = typing.get_type_hints(config_class)
+    unknown = sorted(set(options) - set(hints))
+    if unknown:
+        raise ConfigError(f"method {method!r}: unknown option(s) {unknown} (valid: {sorted(hints)})")
+    values, problems = {}, []
+    for key, value in options.items():
+        try:
+            values[key] = _typed_option(method, key, value, hints[key])
+        except ConfigError as error:
+            problems.append(str(error))
+            continue
+        allowed = option_range(config_class, key)
+        if allowed is not None and values[key] is not None:
+            problem = range_problem(f"method {method!r}: option {key}", values[key], allowed, integer=_numeric(hints[key]) is int)
+            if problem:
+                problems.append(problem)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    try:
+        return config_class(**values)
+    except ValueError as error:  # a config's own cross-field checks (__post_init__)
+        raise ConfigError(f"method {method!r}: {error}") from None
+
+
+def _typed_option(method: str, key: str, value: Any, hint: Any) -> Any:
+    """An option value of its field's type; YAML reads ``1e-4`` as a string, so numbers written that way are parsed."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if bool in allowed and isinstance(value, bool):
+        return value
+    if int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if float in allowed and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    if str in allowed and isinstance(value, str):
+        return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"method {method!r}: option {key}={value!r} must be {names}")
 
 
 @dataclass(frozen=True)
@@ -46,8 +108,8 @@ class MethodConfig:
 class TuningConfig(MethodConfig):
     """Options shared by methods that train."""
 
-    lr: float | None = option(None, "learning rate; overrides the suite's training.lr when set")
-    projector_lr: float | None = option(None, "learning rate of the projector (LLaVA's mm_projector_lr); null = lr", added_later=True)
+    lr: float | None = option(None, "learning rate; overrides the suite's training.lr when set", POSITIVE)
+    projector_lr: float | None = option(None, "learning rate of the projector (LLaVA's mm_projector_lr); null = lr", POSITIVE, added_later=True)
 
 
 def recorded_config(config: MethodConfig) -> dict[str, Any]:
@@ -77,7 +139,8 @@ class Method:
 
     def parameter_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         """The trained tensors at the method's lr; a trained projector at ``projector_lr`` when set (LLaVA tunes it 10x slower)."""
-        lr = getattr(self.config, "lr", None) or lr
+        own = getattr(self.config, "lr", None)
+        lr = lr if own is None else own
         trainable = [p for p in model.parameters() if p.requires_grad]
         projector_lr = getattr(self.config, "projector_lr", None)
         if projector_lr is None:
@@ -151,11 +214,12 @@ class Method:
         """Restore :meth:`state_dict`."""
 
     @classmethod
-    def describe_config(cls) -> list[tuple[str, str, str]]:
-        """(field, default, help) for ``cvit-bench ls``."""
+    def describe_config(cls) -> list[tuple[str, str, str, str]]:
+        """(field, default, allowed range, help) for ``cvit-bench ls``."""
         rows = []
         for f in fields(cls.config_class):
-            rows.append((f.name, repr(f.default), f.metadata.get("help", "")))
+            allowed = option_range(cls.config_class, f.name)
+            rows.append((f.name, repr(f.default), "" if allowed is None else str(allowed), f.metadata.get("help", "")))
         return rows
 
 

@@ -7,13 +7,14 @@ from torch import nn
 
 from cvit_bench.methods.base import METHODS, Method, MethodConfig, StagePlan, TuningConfig, option
 from cvit_bench.methods.sequential import LoraMethodConfig, attach_lora
+from cvit_bench.ranges import AT_LEAST_ONE, POSITIVE
 
 
 @dataclass(frozen=True)
 class JointConfig(TuningConfig):
     lora: bool = option(False, "train a LoRA adapter (like seqlora) instead of full fine-tuning (like seqft)")
-    r: int = option(LoraMethodConfig.r, "LoRA rank when lora is true")
-    alpha: int = option(LoraMethodConfig.alpha, "LoRA alpha when lora is true")
+    r: int = option(LoraMethodConfig.r, "LoRA rank when lora is true", AT_LEAST_ONE)
+    alpha: int = option(LoraMethodConfig.alpha, "LoRA alpha when lora is true", POSITIVE)
 
 
 @METHODS.register("joint")

@@ -29,22 +29,23 @@ from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, TuningConfig, forward_passes, option
 from cvit_bench.methods.mixture import MixtureLoraLinear, Routing, SliceFreezer, inject_mixture, set_trainable
 from cvit_bench.models.backend import module_map_for, packed_image_rows
+from cvit_bench.ranges import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 
 
 @dataclass(frozen=True)
 class BranchLoraConfig(TuningConfig):
-    lr: float | None = option(1e-3, "learning rate of trunk, branches, routers, keys and projector (as seqlora)")
-    branches: int = option(8, "B branches per adapted linear (paper: 8)")
-    rank: int = option(8, "rank of the trunk and of each branch (paper: 128 at hidden 4096; seqlora's 8 here)")
-    alpha: float = option(16.0, "scaling alpha / rank (paper: 256 / 128 = 2)")
-    top_k: int = option(2, "branches mixed per token (paper: 2); 0 = dense softmax over all")
-    freeze_per_task: int = option(2, "most-used branches frozen after each task (tuning-freezing; 0 turns it off)")
+    lr: float | None = option(1e-3, "learning rate of trunk, branches, routers, keys and projector (as seqlora)", POSITIVE)
+    branches: int = option(8, "B branches per adapted linear (paper: 8)", AT_LEAST_ONE)
+    rank: int = option(8, "rank of the trunk and of each branch (paper: 128 at hidden 4096; seqlora's 8 here)", AT_LEAST_ONE)
+    alpha: float = option(16.0, "scaling alpha / rank (paper: 256 / 128 = 2)", POSITIVE)
+    top_k: int = option(2, "branches mixed per token (paper: 2); 0 = dense softmax over all", NON_NEGATIVE)
+    freeze_per_task: int = option(2, "most-used branches frozen after each task (tuning-freezing; 0 turns it off)", NON_NEGATIVE)
     shared_a: bool = option(True, "one shared A (trunk) for all branches; false = one A per branch, as MoELoRA")
     task_routers: bool = option(True, "a new router per task, old ones frozen, chosen by the task selector at test time")
     route_on: str = option("first", "router input: 'first' token of the layer input (paper) or the masked sequence 'mean'")
-    selector_weight: float = option(1.0, "lambda of the key-alignment loss (paper: 1)")
+    selector_weight: float = option(1.0, "lambda of the key-alignment loss (paper: 1)", NON_NEGATIVE)
     image_feature: str = option("projected", "selector image feature: mean of the 'projected' image tokens (unverified reading)")
-    usage_batches: int = option(8, "batches of the task's data read to measure branch usage for tuning-freezing")
+    usage_batches: int = option(8, "batches of the task's data read to measure branch usage for tuning-freezing", AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
         if self.route_on not in ("first", "mean"):

@@ -16,12 +16,13 @@ from torch import nn
 from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, option
 from cvit_bench.methods.sequential import LoraMethodConfig, attach_lora
+from cvit_bench.ranges import AT_LEAST_ONE, NON_NEGATIVE
 
 
 @dataclass(frozen=True)
 class EwcConfig(LoraMethodConfig):
-    ewc_lambda: float = option(1e4, "penalty weight λ (λ/2 · Σ F (θ − θ*)²)")
-    fisher_samples: int = option(64, "training samples of each task whose squared gradients estimate its Fisher")
+    ewc_lambda: float = option(1e4, "penalty weight λ (λ/2 · Σ F (θ − θ*)²)", NON_NEGATIVE)
+    fisher_samples: int = option(64, "training samples of each task whose squared gradients estimate its Fisher", AT_LEAST_ONE)
 
 
 @METHODS.register("ewc")

@@ -34,16 +34,17 @@ from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, option
 from cvit_bench.methods.sequential import LoraMethodConfig, attach_lora
 from cvit_bench.models.backend import projector_parameters
+from cvit_bench.ranges import NON_NEGATIVE, Range
 
 BETA_SCOPES = ("tensor", "global")
 
 
 @dataclass(frozen=True)
 class LlacaConfig(LoraMethodConfig):
-    fallback_beta: float = option(0.01, "beta used when the formula leaves (0, 1) or has no previous gradient (paper's code: 0.01)")
+    fallback_beta: float = option(0.01, "beta used when the formula leaves (0, 1) or has no previous gradient (paper's code: 0.01)", Range(0, 1, low_open=True, high_open=True))
     beta_scope: str = option("tensor", "'tensor': one beta per trainable tensor (paper's code); 'global': one beta per step from "
                                        "norms summed over all trainable tensors (a recorded deviation)")
-    projector_lr_scale: float = option(0.1, "projector lr relative to lr (paper: 2e-5 for the projector, 2e-4 for LoRA) unless projector_lr is set")
+    projector_lr_scale: float = option(0.1, "projector lr relative to lr (paper: 2e-5 for the projector, 2e-4 for LoRA) unless projector_lr is set", NON_NEGATIVE)
 
     def __post_init__(self) -> None:
         if self.beta_scope not in BETA_SCOPES:
@@ -146,8 +147,9 @@ class Llaca(Method):
     def parameter_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         """LoRA at the method's lr, the projector at ``projector_lr_scale`` of it (the paper's 2e-4 and 2e-5),
         or at the shared ``projector_lr`` option where the configuration has one set (a suite's recipe)."""
-        lr = self.config.lr or lr
-        projector_lr = getattr(self.config, "projector_lr", None) or lr * self.config.projector_lr_scale
+        lr = lr if self.config.lr is None else self.config.lr
+        shared = getattr(self.config, "projector_lr", None)
+        projector_lr = lr * self.config.projector_lr_scale if shared is None else shared
         groups = [
             {"params": [p for p, kind in zip(self.params, self.kinds) if kind != "projector"], "lr": lr},
             {"params": [p for p, kind in zip(self.params, self.kinds) if kind == "projector"], "lr": projector_lr},

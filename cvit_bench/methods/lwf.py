@@ -17,12 +17,13 @@ from torch.func import functional_call
 
 from cvit_bench.methods.base import METHODS, Method, option
 from cvit_bench.methods.sequential import LoraMethodConfig, attach_lora
+from cvit_bench.ranges import NON_NEGATIVE, POSITIVE
 
 
 @dataclass(frozen=True)
 class LwfConfig(LoraMethodConfig):
-    lwf_lambda: float = option(1.0, "weight λ of the distillation term")
-    temperature: float = option(2.0, "softmax temperature T of teacher and student")
+    lwf_lambda: float = option(1.0, "weight λ of the distillation term", NON_NEGATIVE)
+    temperature: float = option(2.0, "softmax temperature T of teacher and student", POSITIVE)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -9,14 +9,15 @@ from torch import nn
 from cvit_bench.methods.base import METHODS, Method, TuningConfig, option
 from cvit_bench.methods.mixture import MixtureLoraLinear, inject_mixture, set_trainable
 from cvit_bench.models.backend import module_map_for
+from cvit_bench.ranges import AT_LEAST_ONE, POSITIVE
 
 
 @dataclass(frozen=True)
 class MoeLoraConfig(TuningConfig):
-    lr: float | None = option(1e-3, "learning rate of experts, routers and projector (as seqlora)")
-    experts: int = option(8, "experts per adapted linear (paper: 8)")
-    expert_rank: int = option(2, "rank of each expert (paper: 16, splitting r=128 at hidden 4096; the tiny model's budget is 8x2=16 at hidden 160)")
-    alpha: float = option(32.0, "scaling is alpha / (experts x expert_rank), i.e. 2 as in the paper's alpha=256 over r=128")
+    lr: float | None = option(1e-3, "learning rate of experts, routers and projector (as seqlora)", POSITIVE)
+    experts: int = option(8, "experts per adapted linear (paper: 8)", AT_LEAST_ONE)
+    expert_rank: int = option(2, "rank of each expert (paper: 16, splitting r=128 at hidden 4096; the tiny model's budget is 8x2=16 at hidden 160)", AT_LEAST_ONE)
+    alpha: float = option(32.0, "scaling is alpha / (experts x expert_rank), i.e. 2 as in the paper's alpha=256 over r=128", POSITIVE)
     train_projector: bool = option(True, "train the projector fully, as LLaVA LoRA tuning does")
 
 

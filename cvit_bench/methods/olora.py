@@ -16,14 +16,15 @@ from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, TuningConfig, option
 from cvit_bench.methods.mixture import MixtureLoraLinear, SliceFreezer, inject_mixture, set_trainable
 from cvit_bench.models.backend import module_map_for
+from cvit_bench.ranges import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 
 
 @dataclass(frozen=True)
 class OLoraConfig(TuningConfig):
-    lr: float | None = option(1e-3, "learning rate of the current slice and the projector (as seqlora)")
-    rank: int = option(8, "rank of each task's slice (seqlora's 8; the O-LoRA paper uses 8 per task)")
-    alpha: float = option(16.0, "scaling alpha / rank = 2, as seqlora")
-    orthogonality: float = option(0.5, "lambda_1 of sum_{s<t} |A_t A_s^T|_1 (paper's code: 0.5; some reproductions use 0.05)")
+    lr: float | None = option(1e-3, "learning rate of the current slice and the projector (as seqlora)", POSITIVE)
+    rank: int = option(8, "rank of each task's slice (seqlora's 8; the O-LoRA paper uses 8 per task)", AT_LEAST_ONE)
+    alpha: float = option(16.0, "scaling alpha / rank = 2, as seqlora", POSITIVE)
+    orthogonality: float = option(0.5, "lambda_1 of sum_{s<t} |A_t A_s^T|_1 (paper's code: 0.5; some reproductions use 0.05)", NON_NEGATIVE)
     train_projector: bool = option(True, "train the projector fully, as LLaVA LoRA tuning does")
 
 

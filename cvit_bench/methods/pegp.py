@@ -35,6 +35,7 @@ from cvit_bench.methods.base import METHODS, Method, forward_passes, option
 from cvit_bench.methods.projection import ENERGY_RULES, InputBasis
 from cvit_bench.methods.sequential import LoraMethodConfig, attach_lora
 from cvit_bench.models.backend import module_map_for
+from cvit_bench.ranges import AT_LEAST_ONE, Range
 
 COVARIANCE_BUDGET_BYTES = 4 * 2**30
 """Float32 covariances held at once while the bases grow: layers are visited in groups under this size, one pass over
@@ -43,10 +44,10 @@ the basis batches per group (LLaVA-1.5-7B: 0.89 GB per decoder layer, so four la
 
 @dataclass(frozen=True)
 class PegpConfig(LoraMethodConfig):
-    threshold: float = option(0.99, "energy kept in each basis per task (the authors' ViT code: 0.99 for LoRA, 0.999 adapters, 0.90 prompts)")
-    h_threshold: float | None = option(None, "energy kept in the B-side (h = A x) bases; unset = threshold, as the authors' code (set: a recorded deviation)")
+    threshold: float = option(0.99, "energy kept in each basis per task (the authors' ViT code: 0.99 for LoRA, 0.999 adapters, 0.90 prompts)", Range(0, 1, low_open=True))
+    h_threshold: float | None = option(None, "energy kept in the B-side (h = A x) bases; unset = threshold, as the authors' code (set: a recorded deviation)", Range(0, 1, low_open=True))
     energy: str = option("squared", "energy of a direction: 'squared' = λ² of the input covariance (the authors' code), 'eigenvalue' = λ (GPM; a recorded deviation)")
-    basis_batches: int = option(8, "batches of 16 of each task's training data whose inputs build the bases")
+    basis_batches: int = option(8, "batches of 16 of each task's training data whose inputs build the bases", AT_LEAST_ONE)
     project_update: bool = option(True, "also project the optimizer's update (AdamW's per-coordinate scaling leaks into the old span)")
 
     def __post_init__(self) -> None:

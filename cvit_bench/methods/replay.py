@@ -19,6 +19,7 @@ from torch import nn
 from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, option
 from cvit_bench.methods.sequential import LoraMethodConfig, attach_lora
+from cvit_bench.ranges import AT_LEAST_ONE, FRACTION
 from cvit_bench.training.batches import shuffled_batches
 
 POLICIES = ("reservoir", "quota")
@@ -26,8 +27,8 @@ POLICIES = ("reservoir", "quota")
 
 @dataclass(frozen=True)
 class ReplayConfig(LoraMethodConfig):
-    memory_size: int = option(240, "samples kept from earlier tasks (cvit-v1: 40 per task after six tasks, 6.7% of their data)")
-    fraction: float = option(0.25, "share of every training batch drawn from the memory once it holds samples (at least 1, at most batch-1)")
+    memory_size: int = option(240, "samples kept from earlier tasks (cvit-v1: 40 per task after six tasks, 6.7% of their data)", AT_LEAST_ONE)
+    fraction: float = option(0.25, "share of every training batch drawn from the memory once it holds samples (at least 1, at most batch-1)", FRACTION)
     policy: str = option("reservoir", "reservoir: uniform over all samples seen; quota: memory_size split evenly over the tasks so far")
 
     def __post_init__(self) -> None:

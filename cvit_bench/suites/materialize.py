@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvit_bench.data.llava_format import DataError, Record, read_llava_json
+from cvit_bench.data.samples import check_image
+from cvit_bench.evaluation.scoring import sample_problem
+from cvit_bench.io import publish_tree
 from cvit_bench.paths import cache_dir, config_hash, tree_hash
 from cvit_bench.suites import base_corpus, synthetic, tasks_v2
 from cvit_bench.suites.availability import check_data, format_report, image_root, required_files, task_folder
@@ -42,11 +45,60 @@ class SuiteData:
     image_roots: Mapping[str, Path] = field(default_factory=dict)  # real data: task -> image root (default its folder)
     test_sizes: Mapping[str, int] = field(default_factory=dict)  # real data: task -> evaluation cap (0: all)
 
+    def file(self, task: str, split: str) -> Path:
+        return self.folders.get(task, self.root / task) / f"{split}.json"
+
     def records(self, task: str, split: str) -> list[Record]:
-        folder = self.folders.get(task, self.root / task)
-        records = read_llava_json(folder / f"{split}.json", self.image_roots.get(task, folder))
+        path = self.file(task, split)
+        records = read_llava_json(path, self.image_roots.get(task, path.parent))
         cap = self.test_sizes.get(task, 0) if split == "test" else 0
         return evaluation_subset(records, cap) if cap else records
+
+
+SHOWN_PROBLEMS = 20  # problems quoted by a failed data check; the rest are counted
+
+
+def check_records(suite: Suite, data: SuiteData) -> list[str]:
+    """Every problem that would stop a run of ``suite`` part-way, found before it loads a model or writes a file.
+
+    Each file the run reads goes through the run's own reader (``SuiteData.records``: the first
+    malformed record of a file is reported), each image a record names is opened and verified
+    (corrupt files and decompression bombs), each record is checked for the fields its task's
+    scorer reads, and few-shot tasks for enough training records. Pixels are decoded only when
+    the run uses them; a file that verifies but fails to decode then fails naming its path.
+    """
+    problems: list[str] = []
+    checked: set[Path] = set()
+    for task, split in required_files(suite):
+        path = data.file(task.name, split)
+        try:
+            records = data.records(task.name, split)
+        except DataError as error:
+            problems.append(str(error))
+            continue
+        if split == "train" and len(records) < max(task.shots):
+            problems.append(f"{path}: {max(task.shots)}-shot evaluation of {task.name!r} needs at least {max(task.shots)} records, found {len(records)}")
+        for record in records:
+            fields = {"answer": record.answer, "answers": list(record.answers), "options": list(record.options), "box": list(record.box)}
+            problem = sample_problem(task.scorer, fields)
+            if problem:
+                problems.append(f"{path}: record {record.id}: {problem}")
+            if record.image not in checked:
+                checked.add(record.image)
+                try:
+                    check_image(record.image)
+                except DataError as error:
+                    problems.append(f"{path}: record {record.id}.image: {error}")
+    return problems
+
+
+def require_valid_records(suite: Suite, data: SuiteData) -> None:
+    """:func:`check_records`, raising one DataError that lists the first problems and counts the rest."""
+    problems = check_records(suite, data)
+    if problems:
+        shown = problems[:SHOWN_PROBLEMS]
+        more = [f"... and {len(problems) - len(shown)} more"] if len(problems) > len(shown) else []
+        raise DataError(f"{suite.name}: {len(problems)} problem(s) in the data (nothing was run or written):\n  " + "\n  ".join(shown + more))
 
 
 def evaluation_subset(records: list[Record], size: int) -> list[Record]:
@@ -101,6 +153,7 @@ def _generate(name: str, plan: dict[str, tuple[str, dict[str, int]]], seed: int,
                 task_seed = int(config_hash({"seed": seed, "task": task}, 8), 16)
                 synthetic.generate_task(kind, sizes, task_seed, staging / task, image_size=image_size)
             (staging / "DATA_HASH").write_text(tree_hash(staging))
+            publish_tree(staging)
             try:
                 staging.rename(root)
             except OSError:  # another process finished the same data first; theirs is identical and may be in use

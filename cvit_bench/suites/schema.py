@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
-from cvit_bench.registry import unknown_name_message
+from cvit_bench.paths import REPO_ROOT, name_problem
+from cvit_bench.ranges import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, Range, range_problem
+from cvit_bench.registry import ConfigError, unknown_name_message
 from cvit_bench.resources import SUITES, TEMPLATES, shipped
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the source checkout (its git commit is recorded); not where shipped files live
 SUITES_DIR = shipped(SUITES)
 TEMPLATES_DIR = shipped(TEMPLATES)
 INSTRUCTION_SETTINGS = ("single", "multi")
@@ -104,18 +105,23 @@ class NotComputed:
         return f"{self.name} is not computed: {self.reason}"
 
 
+def _setting(default: Any, allowed: Range) -> Any:
+    """A numeric suite setting and the range ``validate`` and every run check it against."""
+    return field(default=default, metadata={"allowed": allowed})
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """The suite's recipe. ``batch_size`` is the batch of one optimizer step over all processes, whatever
     ``--grad-accum`` splits it into; ``epochs_per_task`` (the papers: 1) replaces ``steps_per_task`` when set."""
 
-    steps_per_task: int = 200
-    batch_size: int = 16
-    lr: float = 3e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    epochs_per_task: float | None = None
+    steps_per_task: int = _setting(200, AT_LEAST_ONE)
+    batch_size: int = _setting(16, AT_LEAST_ONE)
+    lr: float = _setting(3e-4, POSITIVE)
+    warmup_steps: int = _setting(10, NON_NEGATIVE)
+    weight_decay: float = _setting(0.0, NON_NEGATIVE)
+    max_grad_norm: float = _setting(1.0, POSITIVE)
+    epochs_per_task: float | None = _setting(None, POSITIVE)
 
     ADDED_LATER = {"epochs_per_task": None}  # left out of a run's config at these values (cvit-v1's hash)
 
@@ -130,8 +136,8 @@ class EvaluationConfig:
     read the final row). Cells not evaluated stay null.
     """
 
-    batch_size: int = 48
-    max_new_tokens_margin: int = 4
+    batch_size: int = _setting(48, AT_LEAST_ONE)
+    max_new_tokens_margin: int = _setting(4, NON_NEGATIVE)
     future_tasks: bool = True
     side_sets: str = "every_stage"
 
@@ -231,6 +237,8 @@ def load_templates(task_type: str, problems: list[str], templates_dir: Path | No
             prompt, contract = entry.get("prompt"), entry.get("contract")
             if not isinstance(prompt, str) or "{question}" not in prompt:
                 problems.append(f"{where}.prompt: must be a string containing '{{question}}'")
+            else:
+                problems += _placeholder_problems(f"{where}.prompt", prompt)
             if contract is None:
                 problems.append(f"{where}.contract: missing (every phrasing needs a format contract)")
             elif contract not in CONTRACTS:
@@ -241,9 +249,27 @@ def load_templates(task_type: str, problems: list[str], templates_dir: Path | No
     return TemplateSet(task_type, path, tuple(groups["train"]), tuple(groups["heldout"]))
 
 
+def _placeholder_problems(where: str, prompt: str) -> list[str]:
+    """A prompt is filled with ``str.format(question=...)``: any other field, or a lone brace, would fail mid-run."""
+    try:
+        prompt.format(question="")
+    except (KeyError, IndexError, AttributeError, ValueError) as error:
+        return [f"{where}: {prompt!r} cannot be filled ({type(error).__name__}: {error}); the only placeholder is "
+                "{question}, and a literal brace is written {{ or }}"]
+    return []
+
+
 def _positive_int(where: str, value: Any, problems: list[str], allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
         problems.append(f"{where}: expected a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+        return 0
+    return value
+
+
+def _seed(where: str, value: Any, problems: list[str]) -> int:
+    problem = range_problem(where, value, SEED, integer=True)
+    if problem:
+        problems.append(problem)
         return 0
     return value
 
@@ -254,12 +280,12 @@ def _dataclass_from(cls, where: str, mapping: Any, problems: list[str]):
     if not isinstance(mapping, dict):
         problems.append(f"{where}: expected a mapping")
         return cls()
-    allowed = {f.name: f for f in fields(cls)}
-    _unknown_keys(where, mapping, set(allowed), problems)
+    allowed_fields = {f.name: f for f in fields(cls)}
+    _unknown_keys(where, mapping, set(allowed_fields), problems)
     values = {}
     hints = typing.get_type_hints(cls)
     for key, value in mapping.items():
-        if key not in allowed:
+        if key not in allowed_fields:
             continue
         expected = tuple(t for t in typing.get_args(hints[key]) or (hints[key],) if t is not type(None))[0]
         if value is None and type(None) in typing.get_args(hints[key]):
@@ -269,6 +295,11 @@ def _dataclass_from(cls, where: str, mapping: Any, problems: list[str]):
             value = float(value)
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             problems.append(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
+            continue
+        allowed = allowed_fields[key].metadata.get("allowed")
+        problem = allowed and range_problem(f"{where}.{key}", value, allowed, integer=expected is int)
+        if problem:
+            problems.append(problem)
             continue
         values[key] = value
     return cls(**values)
@@ -318,6 +349,9 @@ def _load_task(where: str, entry: Any, data_source: str, problems: list[str], te
     name, kind = entry.get("name"), entry.get("kind", entry.get("name"))
     if not isinstance(name, str) or not name:
         problems.append(f"{where}.name: missing")
+        return None
+    if name_problem(name):  # a task's data folder, images and single-task run directory are named after it
+        problems.append(f"{where}.name: {name_problem(name)}")
         return None
     real = data_source == "llava"
     if not real:
@@ -413,9 +447,10 @@ def permutation_problems(given: list[str], task_names: list[str]) -> str:
 
 
 def _load_method_defaults(where: str, raw: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
-    """Per-method option defaults of a suite (a tiny model wants other learning rates than a 7B one); the options
-    themselves are typed against each method's config when the method is built, before anything runs."""
+    """Per-method option defaults of a suite (a tiny model wants other learning rates than a 7B one), typed and
+    range-checked against each method's config as ``--option`` values are."""
     from cvit_bench.methods import METHODS
+    from cvit_bench.methods.base import build_config
 
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a mapping of method names to option mappings")
@@ -427,6 +462,10 @@ def _load_method_defaults(where: str, raw: Any, problems: list[str]) -> dict[str
         elif not isinstance(options, dict):
             problems.append(f"{where}.{method}: expected a mapping of option names to values")
         else:
+            try:
+                build_config(method, METHODS.get(method).config_class, options)
+            except ConfigError as error:
+                problems.append(f"{where}.{method}: {error}")
             defaults[method] = dict(options)
     return defaults
 
@@ -518,12 +557,15 @@ def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
     if not isinstance(model, dict):
         problems.append(f"{where}: model: expected a mapping")
         model = {}
+    name = data.get("name", path.stem)
+    if name_problem(name):  # results, cache and leaderboard paths are named after the suite
+        problems.append(f"{where}: name: {name_problem(name)}")
     common = dict(
-        name=str(data.get("name", path.stem)),
+        name=str(name),
         path=path,
         description=str(data.get("description", "")),
         data_source=str(source),
-        seed=_positive_int(f"{where}: data.seed", data_section.get("seed", 0), problems, allow_zero=True),
+        seed=_seed(f"{where}: data.seed", data_section.get("seed", 0), problems),
         image_size=_positive_int(f"{where}: data.image_size", data_section.get("image_size", 64), problems),
         instruction_setting=str(setting),
         tasks=tuple(t for t in tasks if t is not None),
