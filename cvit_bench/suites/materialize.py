@@ -63,8 +63,8 @@ def check_records(suite: Suite, data: SuiteData) -> list[str]:
 
     Each file the run reads goes through the run's own reader (``SuiteData.records``: the first
     malformed record of a file is reported), each image a record names is opened and verified
-    (corrupt files and decompression bombs), each record is checked for the fields its task's
-    scorer reads, and few-shot tasks for enough training records. Pixels are decoded only when
+    (corrupt files and decompression bombs), each evaluated record is checked for the fields its
+    task's scorer reads, and few-shot tasks for enough training records. Pixels are decoded only when
     the run uses them; a file that verifies but fails to decode then fails naming its path.
     """
     problems: list[str] = []
@@ -80,7 +80,7 @@ def check_records(suite: Suite, data: SuiteData) -> list[str]:
             problems.append(f"{path}: {max(task.shots)}-shot evaluation of {task.name!r} needs at least {max(task.shots)} records, found {len(records)}")
         for record in records:
             fields = {"answer": record.answer, "answers": list(record.answers), "options": list(record.options), "box": list(record.box)}
-            problem = sample_problem(task.scorer, fields)
+            problem = sample_problem(task.scorer, fields) if split != "train" else None  # only evaluated records are scored
             if problem:
                 problems.append(f"{path}: record {record.id}: {problem}")
             if record.image not in checked:
