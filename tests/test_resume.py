@@ -67,7 +67,9 @@ def options(results_dir: Path, method: str = "seqlora", **kwargs) -> RunOptions:
 def test_interrupted_run_resumes_to_identical_results(method, tmp_path, uninterrupted_smoke):
     expected, expected_dir = uninterrupted_smoke(method)
     crash_stage = 1 if method == "joint" else 4  # after three tasks: frozen branches, bases and slices exist
-    run_options = options(tmp_path, method)
+    # The same thread count as the uninterrupted run: CPU sums (PEGP's eigendecompositions among them) depend on it, and
+    # earlier tests in the process may have changed torch's global count since that run.
+    run_options = options(tmp_path, method, threads=expected["run_info"]["sessions"][0]["threads"])
     with pytest.raises(Crash):
         run(run_options, CrashInStage(crash_stage))
     run_dir = run_options.run_dir
