@@ -3,7 +3,9 @@
 A suite's AP means something only where its tasks were learned: this table puts every method's
 diagonal R[i, i] (the task just after training it) and final-row score R[T, i] next to the task's
 image-blind chance, with how often the most frequent reply was given, so a constant answer is
-seen for what it is.
+seen for what it is. ``final_norm_mean`` maps the final score onto nAP's 0 (chance) .. 100 (ceiling)
+scale and ``nAP_share`` is the task's part of the method's nAP: a share above 0.5 means one task
+carries the headline number.
 """
 from __future__ import annotations
 
@@ -11,11 +13,22 @@ import numpy as np
 import pandas as pd
 
 COLUMNS = ("method", "task", "chance", "diag_mean", "diag_std", "final_mean", "final_std",
-           "diag_top_reply_share", "n_items", "n_seeds")
+           "final_norm_mean", "nAP_share", "diag_top_reply_share", "n_items", "n_seeds")
 
 
 def _declared_chance(run: dict) -> dict[str, float | None]:
     return {task["name"]: task.get("chance") for task in run["run_info"]["config"]["suite"]["tasks"]}
+
+
+def _declared_ceiling(run: dict) -> dict[str, float]:
+    return {task["name"]: task.get("ceiling") or 100.0 for task in run["run_info"]["config"]["suite"]["tasks"]}
+
+
+def _normalized_finals(final: np.ndarray, tasks: list[str], chance: dict, ceiling: dict) -> np.ndarray:
+    """Each task's final score on nAP's scale, mean over seeds; NaN where the suite declares no chance."""
+    low = np.array([np.nan if chance.get(t) is None else chance[t] for t in tasks], dtype=float)
+    high = np.array([ceiling[t] for t in tasks], dtype=float)
+    return 100.0 * (final.mean(axis=0) - low) / (high - low)
 
 
 def task_rows(method: str, runs: list[dict]) -> list[dict]:
@@ -26,6 +39,8 @@ def task_rows(method: str, runs: list[dict]) -> list[dict]:
     diag = np.array([[run["matrices"]["seen"]["vu"][i + 1][i] for i in range(len(tasks))] for run in runs], dtype=float)
     final = np.array([run["matrices"]["seen"]["vu"][-1] for run in runs], dtype=float)
     shares = [run.get("top_reply_share", {}).get("seen") for run in runs]
+    normalized = _normalized_finals(final, tasks, chance, _declared_ceiling(first))
+    total = np.nansum(normalized)  # nAP averages the tasks that declare a chance
     rows = []
     for i, task in enumerate(tasks):
         diag_share = [s[i + 1][i] for s in shares if s is not None]
@@ -33,6 +48,7 @@ def task_rows(method: str, runs: list[dict]) -> list[dict]:
             "method": method, "task": task, "chance": chance.get(task),
             "diag_mean": diag[:, i].mean(), "diag_std": diag[:, i].std(ddof=1) if len(runs) > 1 else np.nan,
             "final_mean": final[:, i].mean(), "final_std": final[:, i].std(ddof=1) if len(runs) > 1 else np.nan,
+            "final_norm_mean": normalized[i], "nAP_share": normalized[i] / total if total > 0 else np.nan,
             "diag_top_reply_share": float(np.mean(diag_share)) if diag_share else np.nan,
             "n_items": first.get("n_items", {}).get("seen", {}).get(task), "n_seeds": len(runs),
         })
