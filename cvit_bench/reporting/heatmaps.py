@@ -101,7 +101,7 @@ def heatmap_svg(matrix: Sequence[Sequence[float | None]] | np.ndarray, row_label
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     colours = matplotlib.colormaps[COLOUR_MAP]
     width, height = LABEL_W + CELL_W * values.shape[1], HEADER_H + CELL_H * values.shape[0]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
+    parts = [f'<svg role="img" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-size="10" font-family="sans-serif"><title>{escape(title)}</title>']
     for col, label in enumerate(col_labels):
         x = LABEL_W + CELL_W * col + CELL_W / 2
