@@ -450,10 +450,12 @@ def report(
     results_dir: Path = typer.Option(Path("results"), help="where run directories are"),
     out_dir: Path = typer.Option(Path("leaderboards"), help="where leaderboard CSVs and heatmaps go"),
     heatmaps: bool = typer.Option(True, help="write heatmap PNGs of each run's matrices next to its results.json"),
+    html: bool = typer.Option(True, help="write a self-contained HTML page per leaderboard and index.html into --out-dir"),
 ) -> None:
-    """Rebuild leaderboard CSVs (one per suite and task order) and each suite's rank agreement from all results, print them
-    and draw heatmaps."""
+    """Rebuild leaderboard CSVs (one per suite and task order) and each suite's rank agreement from all results, print them,
+    draw heatmaps and write the HTML pages."""
     from cvit_bench.reporting.heatmaps import plot_run_heatmaps
+    from cvit_bench.reporting.html import write_pages
     from cvit_bench.reporting.leaderboard import build_leaderboard, find_results, leaderboard_groups, rebuild_leaderboards
     from cvit_bench.reporting.rank_agreement import rebuild_rank_agreement
     from cvit_bench.reporting.tables import leaderboard_table, rank_agreement_table
@@ -474,9 +476,13 @@ def report(
             if heatmaps:
                 for result in results:
                     plot_run_heatmaps(result, Path(result["results_path"]).parent)
-        for suite_name, (path, table) in rebuild_rank_agreement(all_results, out_dir).items():
+        agreement = rebuild_rank_agreement(all_results, out_dir)
+        for suite_name, (path, table) in agreement.items():
             print_table(rank_agreement_table(table, title=f"Rank agreement: {suite_name}"))
             console.print(f"wrote {path}")
+        if html:
+            pages = write_pages(all_results, out_dir, {suite_name: table for suite_name, (_, table) in agreement.items()})
+            console.print(f"wrote {len(pages) - 1} leaderboard pages and {pages['index']}")
     except (*USER_ERRORS, ValueError, OSError) as error:  # ValueError: refusals, malformed results; OSError: an unwritable --out-dir
         fail(error)
 

@@ -58,6 +58,25 @@ def _backward_transfer(r: np.ndarray) -> float:
     return _nanmean(r[n_tasks, i - 1] - r[i, i - 1] for i in range(1, n_tasks))
 
 
+# The field's names for this project's aggregates (MCITlib's tables; REFERENCE-FIELD.md), name -> ours.
+FIELD_NAMES = {"MFN": "AP", "MAA": "MAP"}
+
+
+def with_field_names(metrics: Mapping[str, float | None]) -> dict[str, float | None]:
+    """``metrics`` plus MFN and MAA, the names MCITlib's tables give AP and MAP (MFT and BWT it names as we do).
+
+    Over the accuracy matrix A (row t after task t, column j task j, T tasks) REFERENCE-FIELD.md defines
+    MFN ("Last") = mean_j A[T][j] and MAA ("Avg") = mean_t mean_{j<=t} A[t][j]: term for term our AP
+    (mean_i R[T,i]) and MAP (mean_j mean_{i<=j} R[j,i], stages 1..T; our row 0, the starting checkpoint,
+    enters neither). The numbers are equal, not just alike, with two caveats that belong to the matrix, not
+    the formula: a NaN (not evaluated) entry is skipped here, where the field's scripts evaluate every
+    entry; and a task keeps its own scale (CIDEr x 100 for captions, while UCIT's caption score is the
+    mean of BLEU-1..4, METEOR, ROUGE-L and CIDEr). Derived from AP and MAP rather than computed again, so
+    results written before these names existed read the same, and an absent AP or MAP stays absent.
+    """
+    return {**metrics, **{name: metrics[ours] for name, ours in FIELD_NAMES.items() if ours in metrics}}
+
+
 def continual_metrics(matrix: np.ndarray | list) -> dict[str, float]:
     """AP, MAP, MFT, BWT, forgetting and FWT of a (T+1) x T matrix (tasks numbered 1..T).
 
@@ -169,7 +188,7 @@ def all_metrics(
     ceiling: Sequence[float] | None = None,
     unseen_datasets: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Every metric from {"seen": {"vu", "if"}, "unseen": {"vu", "if"}, "heldout": {"vu", ...}}.
+    """Every metric from {"seen": {"vu", "if"}, "unseen": {"vu", "if"}, "heldout": {"vu", ...}}, with the field's names.
 
     Only "seen"/"vu" is required; metrics of a missing matrix are left out rather than guessed.
     ``chance`` and ``ceiling`` (per seen task, in matrix order) add nAP; ``unseen_datasets`` names
@@ -189,4 +208,4 @@ def all_metrics(
         metrics.update(unseen_metrics(unseen["vu"]))
     if "vu" in heldout:
         metrics.update(heldout_metrics(seen_vu, heldout["vu"]))
-    return metrics
+    return with_field_names(metrics)

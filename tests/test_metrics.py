@@ -14,6 +14,7 @@ from cvit_bench.metrics import (
     last_format_floor,
     normalized_average_performance,
     unseen_metrics,
+    with_field_names,
 )
 
 NAN = float("nan")
@@ -189,7 +190,7 @@ def test_all_metrics_combines_every_group():
     )
     assert set(m) == {
         "AP", "MAP", "MFT", "BWT", "forgetting", "FWT", "MIF", "IF-AP", "IF-MAP", "IF-BWT",
-        "unseen_AP", "heldout_AP", "robustness_gap",
+        "unseen_AP", "heldout_AP", "robustness_gap", "MFN", "MAA",
     }  # fmt: skip
     assert m["AP"] == pytest.approx(215 / 3)
     assert m["MIF"] == pytest.approx(0.65)
@@ -201,7 +202,19 @@ def test_all_metrics_combines_every_group():
 
 def test_all_metrics_with_seen_vu_only():
     m = all_metrics({"seen": {"vu": R}})
-    assert set(m) == {"AP", "MAP", "MFT", "BWT", "forgetting", "FWT"}
+    assert set(m) == {"AP", "MAP", "MFT", "BWT", "forgetting", "FWT", "MFN", "MAA"}
+
+
+def test_field_names_follow_reference_field_definitions_on_the_golden_matrix():
+    m = all_metrics({"seen": {"vu": R}})
+    # MFN = mean_j A[T][j] = (50 + 70 + 95) / 3; MAA = mean_t mean_{j<=t} A[t][j] = (80 + 87.5 + 215 / 3) / 3
+    assert m["MFN"] == m["AP"] == pytest.approx(215 / 3)
+    assert m["MAA"] == m["MAP"] == pytest.approx((80 + 87.5 + 215 / 3) / 3)
+
+
+def test_field_names_are_derived_only_from_what_a_result_has():
+    assert with_field_names({"AP": 1.0, "MAP": None}) == {"AP": 1.0, "MAP": None, "MFN": 1.0, "MAA": None}
+    assert with_field_names({"MIF": 2.0}) == {"MIF": 2.0}
 
 
 def test_all_metrics_rejects_unseen_with_other_stage_count():

@@ -20,14 +20,17 @@ import pandas as pd
 from filelock import FileLock
 
 from cvit_bench.io import atomic_write_text, read_json
+from cvit_bench.metrics import with_field_names
 from cvit_bench.paths import config_differences, inside, name_problem
 from cvit_bench.ranges import SEED, range_problem
 from cvit_bench.suites.orders import order_label
 from cvit_bench.suites.schema import DEFAULT_ORDER
 
+# The last two are the field's names for AP and MAP (metrics.FIELD_NAMES), so a table can be read against
+# MCITlib's MFT, MFN, MAA, BWT; derived from AP and MAP when a run predates them.
 METRIC_COLUMNS = [
     "AP", "MAP", "MFT", "BWT", "forgetting", "FWT", "MIF",
-    "IF-AP", "IF-BWT", "unseen_AP", "heldout_AP", "robustness_gap",
+    "IF-AP", "IF-BWT", "unseen_AP", "heldout_AP", "robustness_gap", "MFN", "MAA",
 ]
 # Metrics added after cvit-v1, each placed after the column it qualifies. A leaderboard has them only when
 # every run reports them (nAP: suites that declare chance), so cvit-v1's published CSVs keep their columns.
@@ -171,17 +174,23 @@ def rebuild_leaderboards(results_dir: Path, out_dir: Path) -> dict[str, Path]:
     for name, group in leaderboard_groups(results).items():
         written[name] = inside(out_dir, f"{name}.csv")
         write_leaderboard(build_leaderboard(group), written[name])
-        tasks = ((group[0]["run_info"].get("config") or {}).get("suite") or {}).get("tasks") or []
-        if tasks and all(task.get("chance") is not None for task in tasks):
+        if declares_chance(group):
             written[f"{name}-tasks"] = inside(out_dir, f"{name}-tasks.csv")
-            write_leaderboard(tasks_table(_by_method(group)), written[f"{name}-tasks"])
+            write_leaderboard(tasks_table(runs_by_method(group)), written[f"{name}-tasks"])
     for suite, group in reference_groups(results).items():
         written[f"{suite}-reference"] = inside(out_dir, f"{suite}-reference.csv")
         write_leaderboard(reference_table(group), written[f"{suite}-reference"])
     return written
 
 
-def _by_method(results: list[dict]) -> dict[str, list[dict]]:
+def declares_chance(results: list[dict]) -> bool:
+    """Whether every task of the runs' suite declares its chance, which is what a per-task table compares against."""
+    tasks = ((results[0]["run_info"].get("config") or {}).get("suite") or {}).get("tasks") or []
+    return bool(tasks) and all(task.get("chance") is not None for task in tasks)
+
+
+def runs_by_method(results: list[dict]) -> dict[str, list[dict]]:
+    """Each method's runs, by seed."""
     runs = defaultdict(list)
     for result in sorted(results, key=lambda r: r["run_info"]["seed"]):
         runs[result["run_info"]["method"]].append(result)
@@ -228,8 +237,9 @@ def _method_row(method: str, runs: list[dict], metrics: list[str]) -> dict:
     _refuse_duplicate_seeds(method, runs)
     _refuse_mixed_setups(method, runs)
     row = {"method": method}
+    recorded = [with_field_names(run["metrics"]) for run in runs]
     for metric in metrics:
-        values = np.array([_as_float(run["metrics"].get(metric)) for run in runs])
+        values = np.array([_as_float(run_metrics.get(metric)) for run_metrics in recorded])
         row[f"{metric}_mean"] = values.mean()
         row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
     row["n_seeds"] = len(runs)

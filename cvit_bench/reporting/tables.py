@@ -24,7 +24,7 @@ def leaderboard_table(df: pd.DataFrame, title: str = "Leaderboard") -> Table:
     for metric in metrics:
         table.add_column(metric, justify="right")
     for _, row in df.iterrows():
-        cells = [_mean_std(row[f"{metric}_mean"], row[f"{metric}_std"]) for metric in metrics]
+        cells = [format_mean_std(row[f"{metric}_mean"], row[f"{metric}_std"]) for metric in metrics]
         table.add_row(row["method"], str(row["n_seeds"]), *cells)
     return table
 
@@ -33,7 +33,7 @@ def rank_agreement_table(df: pd.DataFrame, title: str = "Rank agreement") -> Tab
     """Kendall τ-b per compared pair of seeds or task orders, as `rank_agreement` computed them."""
     table = Table("comparison", "a", "b", "methods", "τ", title=title)
     for _, row in df.iterrows():
-        table.add_row(row["comparison"], row["a"], row["b"], str(row["n_methods"]), _number(row["tau"], digits=3))
+        table.add_row(row["comparison"], row["a"], row["b"], str(row["n_methods"]), format_number(row["tau"], digits=3))
     return table
 
 
@@ -49,7 +49,7 @@ def matrix_table(
     for col in cols:
         table.add_column(col, justify="right")
     for label, values in zip(rows, np.array(matrix, dtype=float)):
-        table.add_row(label, *(_number(value, digits=1) for value in values))
+        table.add_row(label, *(format_number(value, digits=1) for value in values))
     return table
 
 
@@ -60,17 +60,19 @@ def run_summary_table(result: dict) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for metric, value in result["metrics"].items():
-        table.add_row(metric, _number(value, digits=2))
+        table.add_row(metric, format_number(value, digits=2))
     return table
 
 
-def _number(value: float | None, digits: int) -> str:
+def format_number(value: float | None, digits: int) -> str:
+    """A number as every report shows it (terminal tables and the HTML page); not evaluated is a dash, never 0."""
     if value is None or math.isnan(value):
         return MISSING
     return f"{value:.{digits}f}"
 
 
-def _mean_std(mean: float, std: float) -> str:
+def format_mean_std(mean: float, std: float) -> str:
+    """Mean ± sample std over seeds; a single seed has no std, so the mean stands alone."""
     if math.isnan(std):
-        return _number(mean, digits=2)
+        return format_number(mean, digits=2)
     return f"{mean:.2f} ± {std:.2f}"
