@@ -179,6 +179,7 @@ def test_hide_keeps_other_experts_bit_exact_stores_anchors_and_routes_by_them(sm
     before = {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone()) for name, layer in method.layers.items()}
     facts = train(smoke, model, method, collator, "ocr", 2)
     assert facts["experts_trained"] == 2 and facts["anchor_samples"] == len(samples["ocr"])
+    assert facts["deviations"] == [build_method("hide", {}).config.deviations()[0]], "the features are the only deviation by default"
     for name, layer in method.layers.items():
         for trained, saved in ((layer.lora_A, before[name][0]), (layer.lora_B, before[name][1])):
             assert torch.equal(trained[0], saved[0]) and torch.equal(trained[2:], saved[2:]), f"{name}: only expert 1 trains in stage 2"

@@ -21,7 +21,7 @@ the CLIP vision tower without its projection and no CLIP text encoder, and the s
 base has neither, so this module uses features every LLaVA-family checkpoint has, all from
 frozen weights: the image feature is the vision tower's mean patch feature (last layer, CLS
 left out), the text feature the mean input embedding of the prompt's text tokens (image
-tokens, padding and answer left out). The results record them as ``anchor_features``.
+tokens, padding and answer left out). Every stage records this in its ``deviations``.
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ from cvit_bench.models.backend import module_map_for
 from cvit_bench.ranges import AT_LEAST_ONE, POSITIVE
 from cvit_bench.registry import ConfigError
 
-ANCHOR_FEATURES = "image: vision tower mean patch feature; text: mean input embedding of the prompt (not CLIP's projected image / pooled text)"
+FEATURES_DEVIATION = ("anchor features: the vision tower's mean patch feature and the prompt's mean input embedding, "
+                      "not CLIP's projected image embedding and pooled text output")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,15 @@ class HideConfig(TuningConfig):
             raise ValueError(f"lower_fusion must be 'factors' or 'average', not {self.lower_fusion!r}")
         if self.anchor_slots not in ("seen", "all"):
             raise ValueError(f"anchor_slots must be 'seen' or 'all', not {self.anchor_slots!r}")
+
+    def deviations(self) -> list[str]:
+        """Where this configuration departs from the authors' code (recorded with every stage); the features always do."""
+        found = [FEATURES_DEVIATION]
+        if self.lower_fusion == "average":
+            found.append("lower_fusion=average: lower layers average the B_i A_i (the paper's uniform merging), not the code's sum of factors")
+        if self.anchor_slots == "all":
+            found.append("anchor_slots=all: the top-layer softmax runs over all T anchor slots, untrained ones included (MCITlib)")
+        return found
 
 
 class ExpertSchedule:
@@ -224,7 +234,7 @@ class Hide(Method):
         self.text_anchors[task] = torch.cat(texts).mean(0)
         self.schedule.current, self.schedule.trained = None, task + 1
         self.freezer = SliceFreezer()
-        return {"experts_trained": task + 1, "anchor_samples": sum(len(t) for t in texts), "anchor_features": ANCHOR_FEATURES}
+        return {"experts_trained": task + 1, "anchor_samples": sum(len(t) for t in texts), "deviations": self.config.deviations()}
 
     # --- evaluation --------------------------------------------------------
     def evaluation_records(self) -> list[Any]:
