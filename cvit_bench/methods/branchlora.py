@@ -27,7 +27,9 @@ from torch import nn
 
 from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, TuningConfig, forward_passes, option
-from cvit_bench.methods.mixture import MixtureLoraLinear, Routing, SliceFreezer, inject_mixture, set_trainable
+from cvit_bench.methods.mixture import (
+    MixtureLoraLinear, Routing, SliceFreezer, inject_mixture, prompt_text_features, selection_facts, set_trainable,
+)
 from cvit_bench.models.backend import module_map_for, packed_image_rows
 from cvit_bench.ranges import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 
@@ -147,18 +149,6 @@ class BranchLora(Method):
         self.image_features = self.routing.sequence_mean(output.detach())
 
     # --- routing -----------------------------------------------------------
-    def _text_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean input embedding of each prompt's text tokens (not image tokens, padding or the answer)."""
-        model = self._model
-        ids = batch["input_ids"]
-        keep = batch["attention_mask"].bool() & (ids != model.config.image_token_id)
-        if "labels" in batch:
-            keep &= batch["labels"] == -100
-        with torch.no_grad():
-            embedded = model.get_input_embeddings()(ids)
-        weights = keep.to(embedded.dtype).unsqueeze(-1)
-        return (embedded * weights).sum(1) / weights.sum(1).clamp_min(1)
-
     def _per_sample_image_features(self, samples: list[Sample]) -> torch.Tensor:
         """Few-shot samples carry several images: average their features per sample."""
         if len(self.image_features) == len(samples):
@@ -171,13 +161,13 @@ class BranchLora(Method):
             return self._selected_routing(samples, batch)
         task = torch.full((len(samples),), self.route_task or 0, dtype=torch.long)
         if self.route_task is not None and self.config.task_routers and self.config.selector_weight:
-            self.text_features = self._text_features(batch)  # only the alignment loss reads it
+            self.text_features = prompt_text_features(self._model, batch)  # only the alignment loss reads it
         return self.routing.bind(attention_mask=batch["attention_mask"], task=lambda: task,
                                  rows_per_image=packed_image_rows(self._model.config, batch))
 
     @contextlib.contextmanager
     def _selected_routing(self, samples: list[Sample], batch: dict[str, torch.Tensor]) -> Iterator[None]:
-        text = self._text_features(batch)
+        text = prompt_text_features(self._model, batch)
 
         def select() -> torch.Tensor:  # called at the first adapted layer, after the projector ran on this batch
             return self._model.task_selector.select(self._per_sample_image_features(samples), text, self.trained)
@@ -246,12 +236,4 @@ class BranchLora(Method):
         return records
 
     def evaluation_facts(self, records: list[Any]) -> dict[str, Any]:
-        if not records:
-            return {}
-        hits: dict[str, list[int]] = {}
-        for task, hit in records:
-            hits.setdefault(task, []).append(hit)
-        total = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
-        return {"selector_accuracy": 100 * total, "selector_accuracy_per_task": {t: 100 * sum(v) / len(v) for t, v in hits.items()},
-                "selector_samples": len(records)}
-
+        return selection_facts(records, "selector")

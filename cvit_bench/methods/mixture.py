@@ -186,6 +186,34 @@ class SliceFreezer:
         return [] if entry is None else entry[0].nonzero().flatten().tolist()
 
 
+def prompt_text_features(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean input embedding of each prompt's text tokens (not image tokens, padding or the answer).
+
+    A text feature every checkpoint has without a separate text encoder; the embedding table
+    is frozen by every adapter method, so the feature of a prompt never drifts.
+    """
+    ids = batch["input_ids"]
+    keep = batch["attention_mask"].bool() & (ids != model.config.image_token_id)
+    if "labels" in batch:
+        keep &= batch["labels"] == -100
+    with torch.no_grad():
+        embedded = model.get_input_embeddings()(ids)
+    weights = keep.to(embedded.dtype).unsqueeze(-1)
+    return (embedded * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def selection_facts(records: list[tuple[str, int]], prefix: str) -> dict[str, Any]:
+    """``PREFIX_accuracy`` overall and per task from (task, 1 if its own task was chosen) records of one stage's evaluation."""
+    if not records:
+        return {}
+    hits: dict[str, list[int]] = {}
+    for task, hit in records:
+        hits.setdefault(task, []).append(hit)
+    total = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    return {f"{prefix}_accuracy": 100 * total, f"{prefix}_accuracy_per_task": {t: 100 * sum(v) / len(v) for t, v in hits.items()},
+            f"{prefix}_samples": len(records)}
+
+
 def set_trainable(model: nn.Module, layers: dict[str, MixtureLoraLinear], train_projector: bool) -> None:
     """Freeze the whole model, then unfreeze the adapters, routers' trainable parts and (optionally) the projector."""
     freeze_all_but_projector(model)
