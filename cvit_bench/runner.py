@@ -465,7 +465,7 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
         if processes.is_main:
             atomic_write_json(run_dir / REQUEST_FILE, options.request())
         tracked = {"suite": suite.name, "method": options.method, "seed": options.seed, "batch_size": suite.training.batch_size,
-                   "lr": suite.training.lr, "dtype": options.dtype, **recorded_config(method.config)}
+                   "suite_lr": suite.training.lr, "dtype": options.dtype, **recorded_config(method.config)}
         with tracking(options.log_with if processes.is_main else NO_TRACKER, run_dir, f"{suite.name}-{options.method}-{run_dir.name}",
                       tracked) as tracker:
             return _run_stages(options, method, run_dir, data, model_dir, base_hash, config, steps_per_task, checkpoint,

@@ -70,8 +70,9 @@ def test_every_step_logs_its_loss_and_learning_rates_per_stage(short_suite, tmp_
         losses = [values[f"stage{stage}/loss"] for _, values in logged]
         assert all(math.isfinite(loss) for loss in losses)
         np.testing.assert_allclose(np.mean(losses), facts["final_loss"], rtol=1e-6)  # the stage's one log window
-        rates = [values[f"stage{stage}/lr"] for _, values in logged]
-        assert rates[0] > 0 and rates[0] != rates[1]  # warm-up then cosine: the rate each step used
+        # The rate each step used: one warm-up step, then the cosine's start, both the method's full lr (1e-3, not the suite's).
+        assert [values[f"stage{stage}/lr"] for _, values in logged] == pytest.approx([tracker.config["lr"]] * 2)
+        assert tracker.config["lr"] != tracker.config["suite_lr"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed in this environment")

@@ -40,15 +40,15 @@ def tracker_class(name: str) -> type | None:
 
 @contextlib.contextmanager
 def tracking(name: str, run_dir: Path, run_name: str, config: dict[str, Any]) -> Iterator[Any]:
-    """The started tracker for ``--log-with name`` (None for ``none``), its run configuration stored (scalars only, as
-    trackers take them); finished on the way out, also after an error, so what was logged is flushed."""
+    """The started tracker for ``--log-with name`` (None for ``none``), its run configuration stored (anything but a scalar as
+    text: trackers take scalars); finished on the way out, also after an error, so what was logged is flushed."""
     cls = tracker_class(name)
     if cls is None:
         yield None
         return
     tracker = cls(run_name, str(run_dir / TRACKING_DIR)) if cls.requires_logging_directory else cls(run_name)
     tracker.start()
-    tracker.store_init_configuration({key: value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+    tracker.store_init_configuration({key: value if isinstance(value, (bool, int, float, str)) else str(value)
                                       for key, value in config.items()})
     try:
         yield tracker
