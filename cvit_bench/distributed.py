@@ -146,9 +146,9 @@ def shard_frozen_weights(model: nn.Module, base: set[int], processes: Processes)
     LLM and of the vision tower: one block is gathered at a time), each leaf module outside them that
     does (embeddings, patch convolution, norms, head), so a weight is gathered whenever its own module
     runs, also where ``generate`` or a method calls a part of the model directly (image features,
-    input embeddings); last the root, over the frozen weights that modules with children own
-    themselves (CLIP's class embedding, LLaVA-NeXT's ``image_newline``: read inside the model's
-    forward). Kept whole (``ignored_params``) and moved to the device here: what the method added,
+    input embeddings); then each module with children that owns frozen weights itself (CLIP's
+    embeddings for its class embedding), over just those; last the root, over what remains (weights
+    the model's top module owns). Kept whole (``ignored_params``) and moved to the device here: what the method added,
     every base weight it trains, and tied weights (shared by two modules, so no single unit owns them).
     """
     from torch.distributed.device_mesh import init_device_mesh
@@ -167,9 +167,14 @@ def shard_frozen_weights(model: nn.Module, base: set[int], processes: Processes)
         leaf = next(module.children(), None) is None
         if (block or leaf) and any(p not in kept for p in module.parameters(recurse=block)):
             units[name] = module
+    in_units = {id(p) for unit in units.values() for p in unit.parameters()}
+    # Modules with children that own frozen weights themselves (CLIP's class embedding): a unit each, over just those,
+    # since transformers' generate runs the vision tower outside the model's forward. Children first (nested units).
+    owners_of_rest = [module for module in model.modules() if module is not model and all(module is not u for u in units.values())
+                      and any(id(p) not in in_units and p not in kept for p in module.parameters(recurse=False))]
     mesh = init_device_mesh(processes.device.type, (processes.count,))
     # Full sharding everywhere, the root included (FSDP leaves the root gathered after forward by default).
-    for module in [*reversed(units.values()), model]:
+    for module in [*reversed(units.values()), *reversed(owners_of_rest), model]:
         fully_shard(module, mesh=mesh, ignored_params=kept, reshard_after_forward=True)
     # The root is the first unit to run a forward unless fixed now, and a method that calls a part of the model
     # first (BranchLoRA embeds the prompt before generating) would make that part the root; torch offers no

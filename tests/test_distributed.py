@@ -51,7 +51,7 @@ def test_two_processes_match_one(method, mode, tmp_path, uninterrupted_smoke):
     double = read_json(run_dir / "results.json")
     assert double["run_info"]["processes"] == 2
     # Under FSDP every frozen base tensor is a shard: all 46 but the projector's 4 (trained); CLIP's class embedding
-    # (owned by a module with children) is the root unit's.
+    # (owned by a module with children) is sharded in that module's own unit.
     assert double["run_info"].get("fsdp_sharded_tensors", 0) == (42 if mode == "--use_fsdp" else 0)
     # Matrices and replies are identical; the per-stage losses differ only by summation order across processes.
     for group, kinds in single["matrices"].items():
@@ -123,7 +123,7 @@ def _shard_and_count(rank: int, model_dir: str, out_dir: str) -> None:
 
 
 def test_fsdp_shards_the_root_and_gathers_once_per_generate_call(tmp_path):
-    """Every frozen weight but the tied embedding is a shard (the root unit takes CLIP's class embedding) and the
+    """Every frozen weight but the tied embedding is a shard (CLIP's class embedding too, in its embeddings' unit) and the
     unsharded originals are not kept alive. Sharded, a 5-token reply costs more all-gathers than a 1-token one (each
     forward gathers every unit it runs); inside ``gathered`` the all-gathers happen once up front, the same number for
     either length, and generating makes none -- with the unsharded model's reply."""
