@@ -54,7 +54,7 @@ def write_release(suite_name: str, root: Path) -> int:
         question, answer = _question_and_answer(task)
         text = phrasing.prompt.replace("{question}", question).strip()
         rows = []
-        for i in range(3):
+        for i in range(max(3, *task.shots)):  # a few-shot unseen task draws its examples from train
             image = f"{task.name}/{split}-{i}.png"
             if split == "train":
                 rows.append({"id": f"{task.name}-train-{i}", "image": image,
