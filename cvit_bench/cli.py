@@ -123,6 +123,7 @@ def run(
     grad_accum: int = typer.Option(1, min=1, help="split every optimizer step into this many forwards per process, same batch (default 1)"),
     save_adapters: bool = typer.Option(False, help="export each stage's trained weights to RUN_DIR/adapters/stage<K>/ (peft save_pretrained + safetensors); `cvit-bench eval RUN_DIR --stage K` re-evaluates them"),
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (less memory, ~30% slower)"),
+    log_with: str = typer.Option("none", help="loss curves: an accelerate tracker (tensorboard, wandb, ...; its package installed) logging each step's loss and lr per stage, TensorBoard's under RUN_DIR/tracking/; none: off"),
     module_pattern: list[str] = typer.Option([], help="override an adapted-module regex KEY=REGEX, KEY in llm_linears, llm_ffn, projector, vision"),
     order: Optional[str] = typer.Option(None, help="train the tasks in this order: a name from the suite's `orders:` or a comma-separated permutation of its tasks (default: as listed)"),
     only: Optional[str] = typer.Option(None, help="single-task reference runs: train this task alone from the base (comma-separated tasks or `all`: one run each; directory seed<N>-only-<task>)"),
@@ -167,7 +168,8 @@ def run(
                           *(["--data-root", str(data_root)] if data_root else []), *(["--fresh"] if fresh else []),
                           *(["--keep-checkpoint"] if keep_checkpoint else []), *(["--save-adapters"] if save_adapters else []),
                           *(["--batch-size", str(batch_size)] if batch_size else []), *(["--grad-accum", str(grad_accum)] if grad_accum > 1 else []),
-                          *(["--mixed-precision", mixed_precision] if mixed_precision else []), "--data-workers", str(data_workers)]
+                          *(["--mixed-precision", mixed_precision] if mixed_precision else []), "--data-workers", str(data_workers),
+                          "--log-with", log_with]
                 _sweep(loaded, suite, methods, seed_list, results_dir, jobs, threads, extra, task_order, only_tasks)
                 return
             options = RunOptions(loaded, methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
@@ -175,7 +177,7 @@ def run(
                                  max_steps=max_steps, module_patterns=parse_module_patterns(module_pattern), epochs_per_task=epochs_per_task,
                                  order=task_order, only=only_tasks[0] if only_tasks else None, batch_size=batch_size,
                                  grad_accum=grad_accum, mixed_precision=mixed_precision or launch_mixed_precision(),
-                                 save_adapters=save_adapters)
+                                 save_adapters=save_adapters, log_with=log_with)
         if threads is not None:
             options = dataclasses.replace(options, threads=threads)
         options = dataclasses.replace(options, data_workers=data_workers)

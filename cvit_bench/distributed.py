@@ -12,16 +12,17 @@ block of an evaluation set and the replies are gathered in sample order. Only th
 scores, checkpoints and writes results.
 
 FSDP (``--use_fsdp`` or an accelerate config with ``distributed_type: FSDP``) shards the weights that
-no stage trains -- for the adapter methods, the whole base model -- with FSDP2's ``fully_shard``, one
-unit per transformer block. Trained tensors stay whole on every process and are averaged as above,
-so every method's gradient hooks (freezers, projections, LLaCA's β) keep reading whole tensors.
-Sharded blocks gather their weights collectively, so evaluation runs the processes in lockstep.
+no stage trains -- for the adapter methods, the whole base model -- with FSDP2's ``fully_shard``: one
+unit per transformer block and per leaf module outside them, then the root over what remains. Trained
+tensors stay whole on every process and are averaged as above, so every method's gradient hooks
+(freezers, projections, LLaCA's β) keep reading whole tensors. Training gathers one unit at a time;
+evaluation gathers every unit once (see :func:`gathered`), so generating needs no collective.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -53,9 +54,6 @@ class Processes:
         size, extra = divmod(len(items), self.count)
         start = self.index * size + min(self.index, extra)
         return items[start : start + size + (self.index < extra)]
-
-    def largest_share(self, count: int) -> int:
-        return math.ceil(count / self.count)
 
     def gather(self, items: list) -> list:
         """Every process's ``share`` concatenated in process order, on every process."""
@@ -137,26 +135,30 @@ def end_process_group() -> None:
 
 
 def shard_frozen_weights(model: nn.Module, base: set[int], processes: Processes) -> int:
-    """FSDP2 over the base weights that nothing trains; returns how many tensors were sharded.
+    """FSDP2 over the base weights that nothing trains; places the rest on the device; returns how many tensors were sharded.
 
-    ``base`` holds the ids of the loaded model's parameters (ids, so that nothing keeps the unsharded
-    originals alive). Units: each block of an ``nn.ModuleList`` that holds frozen weights (the
-    transformer layers of the LLM and of the vision tower: one block is gathered at a time), and
-    each leaf module outside them that does (embeddings, patch convolution, norms, head), so a
-    weight is gathered whenever its own module runs, also where ``generate`` or a method calls a
-    part of the model directly (image features, input embeddings). Kept whole (``ignored_params``):
-    what the method added, every base weight it trains, tied weights, and weights that a module with
-    children owns itself (a class embedding, LLaVA-NeXT's ``image_newline``: small, and read
-    outside any child's forward).
+    ``model`` must still be on the CPU: ``fully_shard`` moves each unit's tensors to the mesh's device and
+    cuts them there, so on a GPU at most one unit is ever whole on the device, and the unsharded
+    originals are freed once cut. For that, nothing here holds a base parameter (``base`` holds their
+    ids): a reference kept until the end would keep every unit's whole tensor on the device.
+
+    Units: each block of an ``nn.ModuleList`` that holds frozen weights (the transformer layers of the
+    LLM and of the vision tower: one block is gathered at a time), each leaf module outside them that
+    does (embeddings, patch convolution, norms, head), so a weight is gathered whenever its own module
+    runs, also where ``generate`` or a method calls a part of the model directly (image features,
+    input embeddings); then each module with children that owns frozen weights itself (CLIP's
+    embeddings for its class embedding), over just those; last the root, over what remains (weights
+    the model's top module owns). Kept whole (``ignored_params``) and moved to the device here: what the method added,
+    every base weight it trains, and tied weights (shared by two modules, so no single unit owns them).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    owners: dict[nn.Parameter, set[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        for parameter in module.parameters(recurse=False):
-            owners.setdefault(parameter, set()).add(name)
-    kept = {p for p, names in owners.items() if p.requires_grad or id(p) not in base or len(names) > 1}
+    owners: Counter[int] = Counter()
+    for _, module in model.named_modules(remove_duplicate=False):
+        owners.update(id(p) for p in module.parameters(recurse=False))
+    kept = {p for p in model.parameters() if p.requires_grad or id(p) not in base or owners[id(p)] > 1}
+    sharded = len(owners) - len(kept)
     units: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if any(name.startswith(unit + ".") for unit in units):
@@ -165,9 +167,43 @@ def shard_frozen_weights(model: nn.Module, base: set[int], processes: Processes)
         leaf = next(module.children(), None) is None
         if (block or leaf) and any(p not in kept for p in module.parameters(recurse=block)):
             units[name] = module
-    in_units = {p for module in units.values() for p in module.parameters()}
-    kept |= {p for p in owners if p not in in_units}
+    in_units = {id(p) for unit in units.values() for p in unit.parameters()}
+    # Modules with children that own frozen weights themselves (CLIP's class embedding): a unit each, over just those,
+    # since transformers' generate runs the vision tower outside the model's forward. Children first (nested units).
+    owners_of_rest = [module for module in model.modules() if module is not model and all(module is not u for u in units.values())
+                      and any(id(p) not in in_units and p not in kept for p in module.parameters(recurse=False))]
     mesh = init_device_mesh(processes.device.type, (processes.count,))
-    for module in reversed(units.values()):
-        fully_shard(module, mesh=mesh, ignored_params=kept)
-    return sum(p not in kept for p in owners)
+    # Full sharding everywhere, the root included (FSDP leaves the root gathered after forward by default).
+    for module in [*reversed(units.values()), *reversed(owners_of_rest), model]:
+        fully_shard(module, mesh=mesh, ignored_params=kept, reshard_after_forward=True)
+    # The root is the first unit to run a forward unless fixed now, and a method that calls a part of the model
+    # first (BranchLoRA embeds the prompt before generating) would make that part the root; torch offers no
+    # public call for this.
+    model._get_fsdp_state()._lazy_init()
+    for parameter in kept:
+        parameter.data = parameter.data.to(processes.device)
+    return sharded
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Every FSDP unit of ``model`` gathered once for the block, then sharded again; nothing without FSDP.
+
+    Generating a reply of T tokens runs T forwards; with units that reshard after each forward (as
+    training needs, to hold one block at a time) that is T all-gathers of the whole model. Here each
+    process gathers each unit once, in the same order, and keeps it, so the forwards inside
+    communicate nothing and processes need not step together. The cost: for the block, every process
+    holds the whole frozen model besides its shards (14.1 GB for LLaVA-1.5-7B in bfloat16).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)

@@ -32,10 +32,10 @@ from cvit_bench.checkpoint import (ADAPTERS_DIR, Checkpoint, export_stage_weight
                                    model_tensors, remove_checkpoints, remove_unfinished, restore_rng, save_checkpoint)
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
-from cvit_bench.distributed import Processes, current_processes, shard_frozen_weights
+from cvit_bench.distributed import Processes, current_processes, gathered, shard_frozen_weights
 from cvit_bench.evaluation.contracts import FAMILIES
 from cvit_bench.evaluation.evaluate import EvalSet, score_set
-from cvit_bench.evaluation.generate import Lockstep, generate
+from cvit_bench.evaluation.generate import generate
 from cvit_bench.io import atomic_write_json, atomic_write_text, read_json, remove_temporaries, to_jsonable
 from cvit_bench.methods import METHODS, Method
 from cvit_bench.methods.base import StagePlan, build_config, recorded_config
@@ -49,6 +49,7 @@ from cvit_bench.suites.materialize import SuiteData, materialize, require_valid_
 from cvit_bench.suites.orders import TaskOrder, default_run_id, in_order, resolve_order, single_task
 from cvit_bench.suites.schema import REPO_ROOT, EvaluationConfig, RealSuite, Suite, SuiteError, TaskSpec, TrainingConfig, resolve_suite_path
 from cvit_bench.training.loop import NonFiniteLossError, Precision, fp32_trained_weights, precision_for, train_stage
+from cvit_bench.training.tracking import NO_TRACKER, step_logger, tracker_class, tracking
 
 MATRIX_KINDS = ("vu", "if", "strict")
 TOP_REPLY = "top_reply"  # share of a cell's samples given its most frequent reply: a constant answer shows as ~1
@@ -56,7 +57,7 @@ TOP_REPLY = "top_reply"  # share of a cell's samples given its most frequent rep
 BACKEND_OPTIONS = ("dtype", "gradient_checkpointing", "max_steps", "module_patterns", "epochs_per_task", "mixed_precision")
 # Recorded in the request only: how a run computes, not what (gradient accumulation sums the same batch), or already in the
 # config another way (a batch size enters it as the suite's training.batch_size).
-REQUEST_ONLY_OPTIONS = ("grad_accum", "save_adapters", "batch_size")
+REQUEST_ONLY_OPTIONS = ("grad_accum", "save_adapters", "batch_size", "log_with")
 INTERVAL_KINDS = {"vu": ("vu_low", "vu_high"), "if": ("if_low", "if_high")}  # each cell's 95 % bootstrap interval over items
 TRACKED_KINDS = (*MATRIX_KINDS, TOP_REPLY, *(bound for bounds in INTERVAL_KINDS.values() for bound in bounds))  # per cell, in a run
 REQUEST_FILE = "run_request.json"  # the options a run was started with, so `--resume RUN_DIR` needs nothing else
@@ -86,6 +87,7 @@ class RunOptions:
     grad_accum: int = 1  # forwards per optimizer step on each process (memory, not maths: the step's batch stays batch_size)
     mixed_precision: str = "no"  # accelerate's --mixed_precision: no, bf16 or fp16 autocast over the loaded weights
     save_adapters: bool = False  # export each stage's trained weights under RUN_DIR/adapters/stage<K>/
+    log_with: str = NO_TRACKER  # an accelerate tracker (tensorboard, ...) receiving each step's loss and lr, see training/tracking.py
 
     def __post_init__(self) -> None:
         self._check_values()
@@ -270,31 +272,27 @@ def evaluate_all(model, method: Method, collator: Collator, plan: EvalPlan, batc
     process; None and {} elsewhere) and the tokens generated.
 
     Each process generates for its share of a set; the replies and the method's records are gathered in sample order.
+    Under FSDP the weights are gathered once for the whole evaluation, not once per generated token (see ``gathered``).
     """
     results: dict[str, list] = {}
     records: list[Any] = []
     generated = 0
-    for group, sets in plan.groups().items():
-        results[group] = []
-        for eval_set in sets:
-            lockstep = None
-            if processes.shard_frozen:
-                lockstep = Lockstep(math.ceil(processes.largest_share(len(eval_set.samples)) / batch_size), eval_set.samples[0])
-            share = processes.share(eval_set.samples)
-            with method.eval_context(eval_set.task, model):
-                replies, tokens = generate(
-                    model, collator, share, batch_size=batch_size, max_new_tokens=eval_set.max_new_tokens,
-                    on_batch=lambda done, total, name=eval_set.name: reporter.evaluating(stage, name, done, total),
-                    batch_context=method.batch_context, lockstep=lockstep,
-                )
-            replies = processes.gather(replies)
-            generated += sum(processes.gather([tokens]))
-            observed = method.evaluation_records()
-            if not share:  # this process generated only the lockstep filler: what it observed is not a sample's
-                observed = []
-            records.extend(record for part in processes.gather([observed]) for record in part)
-            if processes.is_main:
-                results[group].append(score_set(eval_set, replies, [collator.prompt_text(sample) for sample in eval_set.samples]))
+    with gathered(model):
+        for group, sets in plan.groups().items():
+            results[group] = []
+            for eval_set in sets:
+                share = processes.share(eval_set.samples)
+                with method.eval_context(eval_set.task, model):
+                    replies, tokens = generate(
+                        model, collator, share, batch_size=batch_size, max_new_tokens=eval_set.max_new_tokens,
+                        on_batch=lambda done, total, name=eval_set.name: reporter.evaluating(stage, name, done, total),
+                        batch_context=method.batch_context,
+                    )
+                replies = processes.gather(replies)
+                generated += sum(processes.gather([tokens]))
+                records.extend(record for part in processes.gather([method.evaluation_records()]) for record in part)
+                if processes.is_main:
+                    results[group].append(score_set(eval_set, replies, [collator.prompt_text(sample) for sample in eval_set.samples]))
     if not processes.is_main:
         return None, {}, generated
     return results, method.evaluation_facts(records), generated
@@ -414,6 +412,7 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
         raise ConfigError(f"epochs_per_task must be a positive number, got {epochs}")
     Precision(options.mixed_precision)  # a bad mode fails before anything loads
+    tracker_class(options.log_with)  # so does an unknown or uninstalled tracker
     method = build_method(options.method, options.method_overrides, suite.method_defaults.get(options.method))
     if isinstance(suite, RealSuite):
         if options.model is None:
@@ -465,8 +464,12 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
                 torch.set_num_threads(sessions[0]["threads"])
         if processes.is_main:
             atomic_write_json(run_dir / REQUEST_FILE, options.request())
-        return _run_stages(options, method, run_dir, data, model_dir, base_hash, config, steps_per_task, checkpoint,
-                           reporter, wall_start, keep_checkpoint, processes)
+        tracked = {"suite": suite.name, "method": options.method, "seed": options.seed, "batch_size": suite.training.batch_size,
+                   "suite_lr": suite.training.lr, "dtype": options.dtype, **recorded_config(method.config)}
+        with tracking(options.log_with if processes.is_main else NO_TRACKER, run_dir, f"{suite.name}-{options.method}-{run_dir.name}",
+                      tracked) as tracker:
+            return _run_stages(options, method, run_dir, data, model_dir, base_hash, config, steps_per_task, checkpoint,
+                               reporter, wall_start, keep_checkpoint, processes, tracker)
 
 
 def setup_line(options: RunOptions, method: Method, steps_per_task: int | None, processes: Processes) -> str:
@@ -484,7 +487,7 @@ def setup_line(options: RunOptions, method: Method, steps_per_task: int | None, 
 
 def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteData, model_dir: Path, base_hash: str,
                 config: dict[str, Any], steps_per_task: int | None, checkpoint: Checkpoint | None, reporter: Reporter,
-                wall_start: float, keep_checkpoint: bool, processes: Processes) -> Path:
+                wall_start: float, keep_checkpoint: bool, processes: Processes, tracker: Any) -> Path:
     suite = options.suite
     recorded = provenance()  # once per session: git and package lookups are not free
     commit = recorded["git_commit"]
@@ -555,7 +558,7 @@ def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteD
                 log = train_stage(
                     model, method, samples, collator, suite.training, steps=steps,
                     seed=f"{options.seed}-stage{stage}", report=reporter.step, processes=processes, grad_accum=options.grad_accum,
-                    precision=precision,
+                    precision=precision, track=None if options.log_with == NO_TRACKER else step_logger(tracker, stage),
                 )
             except NonFiniteLossError as error:
                 kept = f"the checkpoint after stage {progress.completed_stage} is kept" if progress.completed_stage >= 0 else "nothing was kept"
@@ -681,13 +684,18 @@ def reevaluate_stage(run_dir: Path, stage: int, reporter: Reporter | None = None
 
 def build_run_model(options: RunOptions, method: Method, data: SuiteData, model_dir: Path, processes: Processes):
     """The run's model (loaded, wrapped by the method, placed, sharded under FSDP), its collator and evaluation plan;
-    also the number of sharded tensors."""
+    also the number of sharded tensors. Under FSDP the model is sharded while still on the CPU, so that only shards
+    (and the whole trained tensors) reach the device (see ``shard_frozen_weights``)."""
     dtype = parse_dtype(options.dtype)
     base_model, processor = load_model(model_dir, dtype, options.module_patterns, options.gradient_checkpointing)
     base_weights = {id(p) for p in base_model.parameters()}
-    model = method.wrap_model(base_model, options.suite.task_names).to(processes.device)
+    model = method.wrap_model(base_model, options.suite.task_names)
     fp32_trained_weights(model)
-    sharded = shard_frozen_weights(model, base_weights, processes) if processes.shard_frozen else 0
+    if processes.shard_frozen:
+        sharded = shard_frozen_weights(model, base_weights, processes)
+    else:
+        sharded = 0
+        model.to(processes.device)
     collator = Collator(processor, device=processes.device, dtype=dtype, workers=options.data_workers)
     return model, collator, build_eval_plan(options.suite, data, collator, options.seed), sharded
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
@@ -10,20 +9,6 @@ from torch import nn
 
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import Sample
-
-
-@dataclass(frozen=True)
-class Lockstep:
-    """Run exactly ``batches`` generate calls, each until every process is done (``synced_gpus``).
-
-    Needed when weights are sharded (FSDP): every forward gathers them collectively, so a process
-    whose replies are finished must keep stepping with the others. A process with fewer samples
-    splits them into smaller batches; one with none generates for ``filler`` (the set's first
-    sample) and drops the reply.
-    """
-
-    batches: int
-    filler: Sample
 
 
 def generate(
@@ -35,7 +20,6 @@ def generate(
     max_new_tokens: int,
     on_batch: Callable[[int, int], None] | None = None,
     batch_context: Callable[[list[Sample], dict], ContextManager] | None = None,
-    lockstep: Lockstep | None = None,
 ) -> tuple[list[str], int]:
     """Greedy replies for ``samples`` (in input order) and the number of generated tokens.
 
@@ -46,22 +30,13 @@ def generate(
     replies: list[str] = [""] * len(samples)
     generated_tokens = 0
     tokenizer = collator.tokenizer
-    synced = {}
-    if lockstep is None:
-        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    else:  # exactly `batches` calls of near-equal size (none above batch_size); an empty one generates for the filler
-        synced = {"synced_gpus": True}
-        n = lockstep.batches
-        chunks = [order[i * len(order) // n : (i + 1) * len(order) // n] for i in range(n)]
-    batches = [[samples[i] for i in indices] or [lockstep.filler] for indices in chunks]
-    # FSDP gathers sharded weights into buffers that training reuses, which inference tensors cannot be.
-    with torch.no_grad() if lockstep is not None else torch.inference_mode():
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [[samples[i] for i in indices] for indices in chunks]
+    with torch.inference_mode():
         for indices, (chunk, images) in zip(chunks, collator.with_images(batches)):
             batch = collator.generation_batch(chunk, images)
             with (batch_context or _no_context)(chunk, batch):
-                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, **synced)
-            if not indices:
-                continue
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             finished = new_tokens != tokenizer.pad_token_id
             generated_tokens += int(finished.sum())

@@ -176,11 +176,14 @@ def train_stage(
     processes: Processes = Processes(),
     grad_accum: int = 1,
     precision: Precision = Precision(),
+    track: Callable[[int, float, list[float]], None] | None = None,
 ) -> StageLog:
     """Train ``steps`` optimizer steps on ``samples``; returns loss and throughput.
 
     With several processes each trains on its share of every batch (see cvit_bench.distributed), in
-    ``grad_accum`` forwards; the logged loss is the global batch's.
+    ``grad_accum`` forwards; the logged loss is the global batch's. ``track(step, loss, learning_rates)``, when given,
+    receives every step's loss (read back each step, which costs a host sync per step) and the rates the step used;
+    under several processes every process must pass one (the loss is summed across them).
     """
     model.train()
     optimizer, scheduler, trainable = make_optimizer(model, method, config, steps)
@@ -191,8 +194,11 @@ def train_stage(
     chunks = [processes.share(next(batches)) for _ in range(steps)]  # drawn ahead, so a DataLoader can decode ahead
     for step, (chunk, images) in enumerate(collator.with_images(chunks), start=1):
         micro = [(part, collator.train_batch(part, part_images)) for part, part_images in _split_images(micro_batches(chunk, grad_accum), images)]
-        window_loss += train_step(model, method, micro, optimizer, scheduler, trainable, config.max_grad_norm, processes,
-                                  precision, scaler)
+        learning_rates = [group["lr"] for group in optimizer.param_groups]
+        loss = train_step(model, method, micro, optimizer, scheduler, trainable, config.max_grad_norm, processes, precision, scaler)
+        window_loss += loss
+        if track is not None:
+            track(step, processes.sum(loss).item(), learning_rates)
         if step % log_every == 0 or step == steps:
             window = step % log_every or log_every
             last_loss = processes.sum(window_loss).item() / window
