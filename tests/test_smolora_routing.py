@@ -72,8 +72,10 @@ def test_every_phrasing_routes_to_its_declared_tasks_if_expert_in_every_layer(sm
     choices = method.routing_choices(model, samples, collator)
     declared = {task: method.task_embedding(method.route_as[task]) for task in {s.task for s in samples}}
     expected = torch.stack([declared[s.task] for s in samples])
+    per_image = expected.repeat_interleave(torch.tensor([len(s.turns) for s in samples]), dim=0)  # projector layers: a row per image
     for name, (_, instruction) in choices.items():
-        assert torch.equal(instruction, method.layers[name].router.instruction_choice(expected)), name
+        rows = expected if len(instruction) == len(samples) else per_image
+        assert torch.equal(instruction, method.layers[name].router.instruction_choice(rows)), name
     # the declared routes themselves: held-out phrasings as their task, unseen tasks as route_as says
     assert method.route_as["unanswerable"] == "vqa" and method.route_as["textcap"] == "caption" and method.route_as["scene"] == "classify"
     # a task's embedding is the mean over its training phrasings, each without its question
@@ -88,13 +90,16 @@ def test_template_routing_follows_each_literal_phrasing(smoke):
     model, method, collator = fresh(smoke, if_route="template")
     samples = every_phrasing(smoke)
     choices = method.routing_choices(model, samples, collator)
+    images = torch.tensor([len(s.turns) for s in samples])
+    llm = {name: instruction for name, (_, instruction) in choices.items() if len(instruction) == len(samples)}
     literal = method.instruction_embeddings([s.instruction for s in samples])
     for name, (_, instruction) in choices.items():
-        assert torch.equal(instruction, method.layers[name].router.instruction_choice(literal)), name
+        rows = literal if name in llm else literal.repeat_interleave(images, dim=0)
+        assert torch.equal(instruction, method.layers[name].router.instruction_choice(rows)), name
     per_task = fresh(smoke)[1]
     per_task.embeddings = method.embeddings
-    assert not all(torch.equal(instruction, method.layers[name].router.instruction_choice(
-        torch.stack([per_task.task_embedding(per_task.route_as[s.task]) for s in samples]))) for name, (_, instruction) in choices.items())
+    declared = torch.stack([per_task.task_embedding(per_task.route_as[s.task]) for s in samples])
+    assert not all(torch.equal(instruction, method.layers[name].router.instruction_choice(declared)) for name, instruction in llm.items())
 
 
 def test_evaluation_records_histograms_agreement_and_collisions(smoke):
