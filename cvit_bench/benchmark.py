@@ -29,7 +29,7 @@ from cvit_bench.data.samples import phrase_all
 from cvit_bench.evaluation.generate import generate
 from cvit_bench.models.backend import load_model
 from cvit_bench.models.base_checkpoint import prepare_base
-from cvit_bench.runner import build_method, seed_everything
+from cvit_bench.runner import build_method, declare_suite_tasks, seed_everything
 from cvit_bench.suites.materialize import materialize
 from cvit_bench.suites.schema import Suite
 from cvit_bench.training.batches import shuffled_batches
@@ -112,6 +112,7 @@ def bench_method(suite: Suite, name: str, model_dir, train_chunks, eval_samples,
     seed_everything(seed)
     model, processor = load_model(model_dir)
     method = build_method(name, {}, suite.method_defaults.get(name))
+    declare_suite_tasks(method, suite)
     model = method.wrap_model(model, suite.task_names)
     collator = Collator(processor)
     task = suite.tasks[0].name

@@ -206,6 +206,13 @@ def build_method(name: str, overrides: dict[str, Any], suite_defaults: dict[str,
     return cls(build_config(name, cls.config_class, {**(suite_defaults or {}), **overrides}))
 
 
+def declare_suite_tasks(method: Method, suite: Suite) -> None:
+    """Tell ``method`` the suite's tasks before it wraps a model: each seen task's training prompts (in the suite's
+    instruction setting) and the unseen tasks."""
+    prompts = {t.name: tuple(p.prompt for p in t.template.training_phrasings(suite.instruction_setting)) for t in suite.tasks}
+    method.declare_tasks(prompts, tuple(t.name for t in suite.unseen))
+
+
 def build_eval_plan(suite: Suite, data: SuiteData, collator: Collator, seed: int) -> EvalPlan:
     margin = suite.evaluation.max_new_tokens_margin
 
@@ -689,6 +696,7 @@ def build_run_model(options: RunOptions, method: Method, data: SuiteData, model_
     dtype = parse_dtype(options.dtype)
     base_model, processor = load_model(model_dir, dtype, options.module_patterns, options.gradient_checkpointing)
     base_weights = {id(p) for p in base_model.parameters()}
+    declare_suite_tasks(method, options.suite)
     model = method.wrap_model(base_model, options.suite.task_names)
     fp32_trained_weights(model)
     if processes.shard_frozen:

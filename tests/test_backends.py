@@ -14,7 +14,7 @@ from cvit_bench.evaluation.generate import generate
 from cvit_bench.io import read_json
 from cvit_bench.models.backend import load_model, module_map_for, parse_module_patterns, projector_parameters, vision_parameters
 from cvit_bench.registry import ConfigError
-from cvit_bench.runner import RunOptions, build_method, run
+from cvit_bench.runner import RunOptions, build_method, declare_suite_tasks, run
 from cvit_bench.suites.materialize import materialize
 from cvit_bench.suites.schema import load_suite
 
@@ -108,6 +108,7 @@ def test_batched_generation_matches_one_by_one(family, method, checkpoints, suit
     torch.manual_seed(0)
     model, processor = load_model(checkpoints[family])
     method_instance = build_method(method, {})
+    declare_suite_tasks(method_instance, suite)
     model = method_instance.wrap_model(model, suite.task_names)
     with torch.no_grad():
         for parameter in model.parameters():

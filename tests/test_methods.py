@@ -18,7 +18,7 @@ from cvit_bench.methods.projection import InputBasis
 from cvit_bench.models.backend import load_model
 from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.registry import ConfigError
-from cvit_bench.runner import build_method
+from cvit_bench.runner import build_method, declare_suite_tasks
 from cvit_bench.suites.materialize import materialize
 from cvit_bench.suites.schema import load_suite
 from cvit_bench.training.loop import train_stage
@@ -43,6 +43,7 @@ def fresh(smoke, method_name: str, **options):
     torch.manual_seed(0)
     model, processor = load_model(model_dir)
     method = build_method(method_name, options)
+    declare_suite_tasks(method, suite)
     return method.wrap_model(model, suite.task_names), method, Collator(processor)
 
 
@@ -98,8 +99,8 @@ def test_smolora_routers_get_no_gradient_and_stay_fixed(smoke):
     assert any(layer.router.scores.abs().sum() > 0 for layer in method.layers.values()), "fusion vectors must train"
 
 
-def test_smolora_instruction_routing_depends_only_on_the_template(smoke):
-    model, method, collator = fresh(smoke, "smolora")
+def test_smolora_template_routing_depends_only_on_the_template(smoke):
+    model, method, collator = fresh(smoke, "smolora", if_route="template")
     _, _, samples = smoke
     same_template = [s for s in samples["mcq"] if s.instruction == samples["mcq"][0].instruction][:4]
     other = [s for s in samples["vqa"] if s.instruction != same_template[0].instruction][:4]
