@@ -38,6 +38,19 @@ class Range:
         return f"{'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}{')' if self.high_open else ']'}"
 
 
+@dataclass(frozen=True)
+class Choices:
+    """The values a text setting allows (a method's mode switches); ``cvit-bench ls`` prints them as its range."""
+
+    values: tuple[str, ...]
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.values
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(self.values)
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
@@ -50,8 +63,11 @@ FRACTION = Range(0, 1, high_open=True)  # shares and probabilities that must lea
 SEED = Range(0, 2**32 - 1)  # what NumPy's and Python's seeding accept on every platform
 
 
-def range_problem(where: str, value: object, allowed: Range, integer: bool = False) -> str | None:
-    """``"WHERE: expected an integer >= 1, got 0"`` when ``value`` is not an (integer) number in ``allowed``, else None."""
+def range_problem(where: str, value: object, allowed: Range | Choices, integer: bool = False) -> str | None:
+    """``"WHERE: expected an integer >= 1, got 0"`` when ``value`` is not an (integer) number in ``allowed``, else None;
+    for :class:`Choices`, ``"WHERE: expected one of a, b, got 'c'"``."""
+    if isinstance(allowed, Choices):
+        return None if value in allowed else f"{where}: expected {allowed}, got {value!r}"
     is_integer = isinstance(value, int) and not isinstance(value, bool)
     if (is_integer or not integer) and value in allowed:
         return None

@@ -16,7 +16,7 @@ from torch import nn
 
 from cvit_bench.data.samples import Sample
 from cvit_bench.models.backend import projector_parameters, vision_parameters
-from cvit_bench.ranges import ANY, POSITIVE, Range, range_problem
+from cvit_bench.ranges import ANY, POSITIVE, Choices, Range, range_problem
 from cvit_bench.registry import ConfigError, Registry
 from cvit_bench.training.batches import shuffled_batches
 
@@ -30,9 +30,9 @@ class StagePlan:
     rows: tuple[int, ...]
 
 
-def option(default: Any, help: str, allowed: Range | None = None, *, added_later: bool = False) -> Any:
-    """A config field whose help text and allowed range ``cvit-bench ls`` prints; a numeric field without ``allowed``
-    takes any finite value.
+def option(default: Any, help: str, allowed: Range | Choices | None = None, *, added_later: bool = False) -> Any:
+    """A config field whose help text and allowed range (or, for a text field, its :class:`Choices`) ``cvit-bench ls``
+    prints; a numeric field without ``allowed`` takes any finite value.
 
     ``added_later``: the option came after results were published; at its default it is left out
     of the recorded config (see :func:`recorded_config`), so those results keep their config hash.
@@ -46,10 +46,13 @@ def _numeric(hint: Any) -> type | None:
     return int if int in allowed else float if float in allowed else None
 
 
-def option_range(config_class: type[MethodConfig], name: str) -> Range | None:
-    """The range a numeric config field allows (None for other fields)."""
+def option_range(config_class: type[MethodConfig], name: str) -> Range | Choices | None:
+    """The range a numeric config field allows, the choices of a text field that declares them (None for other fields)."""
     f = {f.name: f for f in fields(config_class)}[name]
-    return f.metadata.get("allowed") or ANY if _numeric(typing.get_type_hints(config_class)[name]) else None
+    allowed = f.metadata.get("allowed")
+    if isinstance(allowed, Choices):
+        return allowed
+    return allowed or ANY if _numeric(typing.get_type_hints(config_class)[name]) else None
 
 
 def build_config(method: str, config_class: type[MethodConfig], options: dict[str, Any]) -> MethodConfig:
