@@ -187,6 +187,7 @@ class BranchLora(Method):
         self.phrasings: dict[str, list[str]] = {}  # per trained task: the phrasing ids it trained on
         self.selections: list[tuple[str, str, int]] = []  # per evaluated sample of a trained task: (task, phrasing, 1 if selected)
         self.route_task: int | None = None  # the router in use while training or probing; None = let the selector choose
+        self.stage_task = ""  # the task the current stage trains
         self.image_features: torch.Tensor | None = None
         self.text_features: torch.Tensor | None = None
         self.selector: TaskSelector | None = None
@@ -299,6 +300,7 @@ class BranchLora(Method):
 
     # --- training ----------------------------------------------------------
     def before_stage(self, stage: int, tasks: tuple[str, ...], model: nn.Module) -> None:
+        self.stage_task = tasks[0]
         self.route_task = self.tasks.index(tasks[0]) if self.config.task_routers else 0
         self._train_only(self.route_task)
 
@@ -316,17 +318,16 @@ class BranchLora(Method):
     def after_stage(self, stage: int, model: nn.Module, samples: list[Sample], collator) -> dict[str, Any]:
         """Read the task's probe under its router: freeze the branches it used most, fit its keys; then check every key."""
         task = self.route_task
-        name = self.tasks[task]
-        self.probes[name] = samples[: self.config.probe_samples]
-        self.phrasings[name] = sorted({s.phrasing_id for s in samples})
+        self.probes[self.stage_task] = samples[: self.config.probe_samples]
+        self.phrasings[self.stage_task] = sorted({s.phrasing_id for s in samples})
         facts = self._consolidate(model, collator, task) if self.config.freeze_per_task or self.selector is not None else {}
-        self.trained, self.route_task = task + 1, None
+        self.trained, self.route_task = max(self.trained, task + 1), None
         return facts
 
     def _consolidate(self, model: nn.Module, collator, task: int) -> dict[str, Any]:
         for layer in self.layers.values():
             layer.router.usage = torch.zeros(self.config.branches, device=layer.lora_B.device)
-        image, text = self._probe(model, self.probes[self.tasks[task]], collator, task)
+        image, text = self._probe(model, self.probes[self.stage_task], collator, task)
         usage = {name: layer.router.usage for name, layer in self.layers.items()}
         for layer in self.layers.values():
             layer.router.usage = None
