@@ -133,7 +133,7 @@ def test_vision_features_stay_put_while_the_projector_trains_and_projected_ones_
         model, method, collator = fresh(smoke, image_feature=feature, lr=5e-2)
         facts = train(smoke, model, method, collator, "mcq", 1)
         assert facts["key_cosine"]["image"]["mcq"] == pytest.approx(1.0, abs=1e-6)  # fitted in closed form on these features
-        facts = train(smoke, model, method, collator, "caption", 2, steps=8)
+        facts = train(smoke, model, method, collator, "ocr", 2, steps=8)
         cosines[feature] = facts["key_cosine"]["image"]["mcq"]
         assert facts["key_cosine"]["text"]["mcq"] == pytest.approx(1.0, abs=1e-6)  # input embeddings are frozen
     assert cosines["vision"] == pytest.approx(1.0, abs=1e-6)

@@ -352,10 +352,11 @@ class BranchLora(Method):
     def _key_cosines(self, model: nn.Module, collator, task: int, image: torch.Tensor, text: torch.Tensor | None) -> dict[str, dict[str, float]]:
         """cos(key, task mean) for every trained task, on its probe's features as the model computes them now."""
         cosines: dict[str, dict[str, float]] = {}
-        for earlier in range(task + 1):
-            features = (image, text) if earlier == task else self._probe(model, self.probes[self.tasks[earlier]], collator, earlier)
+        for name, probe in self.probes.items():
+            earlier = self.tasks.index(name)
+            features = (image, text) if earlier == task else self._probe(model, probe, collator, earlier)
             for kind, value in self.selector.key_cosines(earlier, *features).items():
-                cosines.setdefault(kind, {})[self.tasks[earlier]] = value
+                cosines.setdefault(kind, {})[name] = value
         return cosines
 
     def _probe(self, model: nn.Module, samples: list[Sample], collator, task: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
