@@ -61,7 +61,7 @@ def test_two_processes_match_one(method, mode, tmp_path, uninterrupted_smoke):
     assert replies(run_dir / "predictions.jsonl") == replies(single_dir / "predictions.jsonl")
     np.testing.assert_allclose([s["final_loss"] for s in double["stages"]], [s["final_loss"] for s in single["stages"]], rtol=1e-4)
     # What the method observed while evaluating (BranchLoRA's selector accuracy) covers every process's share.
-    facts = lambda result: [(s.get("selector_samples"), s.get("selector_accuracy"), s.get("selector_accuracy_per_task")) for s in result["stages"]]
+    facts = lambda result: [(s.get("selector_samples"), s.get("selector_accuracy_train"), s.get("selector_accuracy_train_per_task")) for s in result["stages"]]
     assert facts(double) == facts(single)
     assert not (tmp_path / SMOKE / method / "seed0" / "checkpoint.json").exists()
 

@@ -141,14 +141,14 @@ def test_branchlora_frozen_branches_and_old_routers_stay_bit_identical(smoke):
     train(smoke, model, method, collator, "mcq", 1)
     frozen = {n: method.freezer.frozen_rows(l.lora_B) for n, l in method.layers.items()}
     assert all(len(rows) == 2 for rows in frozen.values())
-    snapshot = {n: (l.lora_B.detach().clone(), l.router.weight[0].detach().clone()) for n, l in method.layers.items()}
+    snapshot = {n: (l.lora_B.detach().clone(), l.router.weights[0].detach().clone()) for n, l in method.layers.items()}
     trunk = {n: l.lora_A.detach().clone() for n, l in method.layers.items()}
     train(smoke, model, method, collator, "ocr", 2, lr=1e-2)
     train(smoke, model, method, collator, "caption", 3, lr=1e-2)
     for name, layer in method.layers.items():
         rows = frozen[name]
         assert torch.equal(layer.lora_B[rows], snapshot[name][0][rows]), name
-        assert torch.equal(layer.router.weight[0], snapshot[name][1]), name
+        assert torch.equal(layer.router.weights[0], snapshot[name][1]), name
     assert any(not torch.equal(layer.lora_A, trunk[n]) for n, layer in method.layers.items()), "the trunk keeps training"
     tunable_changed = any(
         not torch.equal(layer.lora_B[i], snapshot[n][0][i]) for n, layer in method.layers.items() for i in range(8) if i not in frozen[n]
@@ -158,7 +158,7 @@ def test_branchlora_frozen_branches_and_old_routers_stay_bit_identical(smoke):
 
 def test_branchlora_selector_picks_the_right_router_on_separable_inputs():
     torch.manual_seed(0)
-    selector = TaskSelector(n_tasks=3, dim=16)
+    selector = TaskSelector(n_tasks=3, image_dim=16, text_dim=16)
     centres = torch.eye(16)[:3] * 4
     optimizer = torch.optim.Adam(selector.parameters(), lr=0.05)
     for task in range(3):
@@ -184,8 +184,8 @@ def test_branchlora_reports_selector_accuracy_after_evaluation(smoke):
     records = method.evaluation_records()
     assert len(records) == 8
     facts = method.evaluation_facts(records)
-    assert set(facts["selector_accuracy_per_task"]) == {"mcq", "caption"}
-    assert 0 <= facts["selector_accuracy"] <= 100 and facts["selector_samples"] == 8
+    assert set(facts["selector_accuracy_train_per_task"]) == {"mcq", "caption"}
+    assert 0 <= facts["selector_accuracy_train"] <= 100 and facts["selector_samples"] == 8
     assert method.evaluation_records() == [], "counts restart for the next evaluation"
 
 

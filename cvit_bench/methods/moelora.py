@@ -1,4 +1,14 @@
-"""MoELoRA (CoIN's mixture-of-LoRA baseline): E LoRA experts per adapted linear, a dense softmax router per token."""
+"""MoELoRA (CoIN's mixture-of-LoRA baseline): E LoRA experts per adapted linear, a dense softmax router per token.
+
+Rank budget: the papers that report MoELoRA beside LoRA (CoIN, SMoLoRA) split LoRA's budget
+between the experts — 8 experts of rank 16 against one LoRA of rank 128 at 7B — so that the
+two adapt the same linears with the same total rank. Here seqlora's rank is 8 (its committed
+cvit-v2 rows are at 8, and every LoRA-family method shares it), so MoELoRA's default is 8
+experts of rank 1: experts x expert_rank = seqlora's r, and alpha / (experts x expert_rank)
+= seqlora's alpha / r = 2. Rank 1 of the tiny model's hidden 160 is about the paper's share
+(16 of 4096). BranchLoRA's trunk and branches take the same expert rank
+(:data:`EXPERT_RANK`), as its paper sets them to MoELoRA's.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,13 +21,15 @@ from cvit_bench.methods.mixture import MixtureLoraLinear, inject_mixture, set_tr
 from cvit_bench.models.backend import module_map_for
 from cvit_bench.ranges import AT_LEAST_ONE, POSITIVE
 
+EXPERT_RANK = 1  # 8 experts x rank 1 = seqlora's rank 8; BranchLoRA's trunk and branch rank
 
 @dataclass(frozen=True)
 class MoeLoraConfig(TuningConfig):
     lr: float | None = option(1e-3, "learning rate of experts, routers and projector (as seqlora)", POSITIVE)
     experts: int = option(8, "experts per adapted linear (paper: 8)", AT_LEAST_ONE)
-    expert_rank: int = option(2, "rank of each expert (paper: 16, splitting r=128 at hidden 4096; the tiny model's budget is 8x2=16 at hidden 160)", AT_LEAST_ONE)
-    alpha: float = option(32.0, "scaling is alpha / (experts x expert_rank), i.e. 2 as in the paper's alpha=256 over r=128", POSITIVE)
+    expert_rank: int = option(EXPERT_RANK, "rank of each expert; experts x expert_rank is the budget, seqlora's r (paper: 16 x 8 = "
+                              "LoRA's 128 at hidden 4096; here 1 x 8 = seqlora's 8)", AT_LEAST_ONE)
+    alpha: float = option(16.0, "scaling is alpha / (experts x expert_rank), 2 as seqlora's alpha / r and the paper's 256 / 128", POSITIVE)
     train_projector: bool = option(True, "train the projector fully, as LLaVA LoRA tuning does")
 
 
