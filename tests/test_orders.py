@@ -129,8 +129,9 @@ def test_the_default_order_leaves_committed_cvit_v1_runs_unchanged():
 
 
 # Methods re-implemented since cvit-v1 was published (issue 19: LLaCA's projector lr and beta statistics, PEGP's
-# energy rule and first-task count): their committed cvit-v1 rows are the old code's, and a re-run is a new setup.
-REIMPLEMENTED = {"llaca", "pegp"}
+# energy rule and first-task count; BranchLoRA on every LLM linear, MoELoRA at seqlora's rank budget, SMoLoRA routed per
+# task): their committed cvit-v1 rows are the old code's, and a re-run is a new setup.
+REIMPLEMENTED = {"llaca", "pegp", "branchlora", "moelora", "smolora"}
 
 
 @pytest.mark.parametrize("path", sorted(p for p in LEADERBOARD_RUNS.glob("*/*/seed0/results.json") if p.parts[-3] not in REIMPLEMENTED),
