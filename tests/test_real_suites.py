@@ -358,5 +358,5 @@ def test_real_suite_needs_a_model_and_templates_stay_under_their_folder(coin_roo
     suite["tasks"][0]["template"] = "../task_suites/coin"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(suite))
-    with pytest.raises(SuiteError, match=r"relative, no '\.\.'"):
+    with pytest.raises(SuiteError, match=r"relative, '/'-separated safe names"):
         load_suite(str(bad))

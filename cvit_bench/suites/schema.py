@@ -210,8 +210,8 @@ def load_templates(task_type: str, problems: list[str], templates_dir: Path | No
     """Read ``instruction_templates/<task_type>.yaml``; every phrasing needs a prompt with {question} and a known contract."""
     from cvit_bench.evaluation.contracts import CONTRACTS
 
-    if Path(task_type).is_absolute() or ".." in Path(task_type).parts:
-        problems.append(f"template {task_type!r}: must be a name under instruction_templates/ (relative, no '..')")
+    if Path(task_type).is_absolute() or any(name_problem(part) for part in task_type.split("/")):
+        problems.append(f"template {task_type!r}: must be a name under instruction_templates/ (relative, '/'-separated safe names)")
         return None
     path = (templates_dir or TEMPLATES_DIR) / f"{task_type}.yaml"
     data = _read_yaml(path, problems)
