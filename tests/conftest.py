@@ -56,3 +56,22 @@ def short_suite(tmp_path_factory) -> tuple[Path, Path]:
     path.write_text(yaml.safe_dump(data))
     model_dir, _ = prepare_base(load_suite(SMOKE))
     return path, model_dir
+
+
+@pytest.fixture(scope="session")
+def smoke_setup():
+    """cvit-v1-smoke, its base checkpoint and its seed-0 data: what the methods' mechanism tests train on."""
+    from cvit_bench.models.base_checkpoint import prepare_base
+    from cvit_bench.suites.materialize import materialize
+    from cvit_bench.suites.schema import load_suite
+
+    suite = load_suite(SMOKE)
+    model_dir, _ = prepare_base(suite)
+    return suite, model_dir, materialize(suite, 0)
+
+
+def phrased(suite, data, split: str, phrasings: Callable) -> dict:
+    """Every task's ``split`` records phrased with ``phrasings(task)``, by task name."""
+    from cvit_bench.data.samples import phrase_all
+
+    return {task.name: phrase_all(data.records(task.name, split), task.name, phrasings(task)) for task in suite.tasks}

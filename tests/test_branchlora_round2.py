@@ -8,30 +8,25 @@ import torch
 from torch import nn
 
 from cvit_bench.data.collate import Collator
-from cvit_bench.data.samples import phrase_all
 from cvit_bench.methods.branchlora import TaskSelector, mean_direction
 from cvit_bench.methods.mixture import MixtureLoraLinear
 from cvit_bench.models.backend import load_model
 from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.registry import ConfigError
 from cvit_bench.runner import build_method
-from cvit_bench.suites.materialize import materialize
 from cvit_bench.suites.schema import load_suite
 from cvit_bench.training.loop import train_stage
 
-SMOKE = "cvit-v1-smoke"
+from conftest import phrased
+
 DEFAULT_SUITE = "cvit-v2"
 
 
 @pytest.fixture(scope="module")
-def smoke():
-    suite = load_suite(SMOKE)
-    model_dir, _ = prepare_base(suite)
-    data = materialize(suite, 0)
-    samples = {task.name: phrase_all(data.records(task.name, "train"), task.name, task.template.training_phrasings("single"))
-               for task in suite.tasks}
-    heldout = {task.name: phrase_all(data.records(task.name, "test"), task.name, task.template.heldout) for task in suite.tasks}
-    return suite, model_dir, samples, heldout
+def smoke(smoke_setup):
+    suite, model_dir, data = smoke_setup
+    samples = phrased(suite, data, "train", lambda task: task.template.training_phrasings("single"))
+    return suite, model_dir, samples, phrased(suite, data, "test", lambda task: task.template.heldout)
 
 
 def fresh(smoke, method_name: str = "branchlora", **options):

@@ -8,29 +8,21 @@ import torch
 from torch import nn
 
 from cvit_bench.data.collate import Collator
-from cvit_bench.data.samples import phrase_all
 from cvit_bench.methods.clmoe import CountingTokenRouter, merge_experts, merge_weights
 from cvit_bench.methods.hide import ExpertSchedule, HideGates, HideLoraLinear, anchor_weights
 from cvit_bench.methods.mixture import Routing
 from cvit_bench.models.backend import load_model
-from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.registry import ConfigError
 from cvit_bench.runner import build_method
-from cvit_bench.suites.materialize import materialize
-from cvit_bench.suites.schema import load_suite
 from cvit_bench.training.loop import train_stage
 
-SMOKE = "cvit-v1-smoke"
+from conftest import phrased
 
 
 @pytest.fixture(scope="module")
-def smoke():
-    suite = load_suite(SMOKE)
-    model_dir, _ = prepare_base(suite)
-    data = materialize(suite, 0)
-    samples = {task.name: phrase_all(data.records(task.name, "train"), task.name, task.template.training_phrasings("single"))
-               for task in suite.tasks}
-    return suite, model_dir, samples
+def smoke(smoke_setup):
+    suite, model_dir, data = smoke_setup
+    return suite, model_dir, phrased(suite, data, "train", lambda task: task.template.training_phrasings("single"))
 
 
 def fresh(smoke, method_name: str, **options):

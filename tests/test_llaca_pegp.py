@@ -8,29 +8,21 @@ import torch
 from torch import nn
 
 from cvit_bench.data.collate import Collator
-from cvit_bench.data.samples import phrase_all
 from cvit_bench.methods import pegp as pegp_module
 from cvit_bench.methods.llaca import balance_weights, l1_norms
 from cvit_bench.methods.projection import InputBasis
 from cvit_bench.models.backend import load_model, projector_parameters
-from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.registry import ConfigError
 from cvit_bench.runner import build_method
-from cvit_bench.suites.materialize import materialize
-from cvit_bench.suites.schema import load_suite
 from cvit_bench.training.loop import make_optimizer, train_stage
 
-SMOKE = "cvit-v1-smoke"
+from conftest import phrased
 
 
 @pytest.fixture(scope="module")
-def smoke():
-    suite = load_suite(SMOKE)
-    model_dir, _ = prepare_base(suite)
-    data = materialize(suite, 0)
-    samples = {task.name: phrase_all(data.records(task.name, "train"), task.name, task.template.training_phrasings("single"))
-               for task in suite.tasks}
-    return suite, model_dir, samples
+def smoke(smoke_setup):
+    suite, model_dir, data = smoke_setup
+    return suite, model_dir, phrased(suite, data, "train", lambda task: task.template.training_phrasings("single"))
 
 
 def fresh(smoke, method_name: str, dtype: torch.dtype = torch.float32, **options):
