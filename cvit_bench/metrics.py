@@ -133,18 +133,23 @@ def last_format_floor(dataset_families: Sequence[Sequence[str]], final_families:
     return _nanmean(100.0 * np.mean([family in final_families for family in families]) for families in dataset_families)
 
 
+def normalized_scores(final_row: Sequence[float], chance: Sequence[float], ceiling: Sequence[float]) -> np.ndarray:
+    """Each task's score on nAP's scale: 100 (R[T,i] - chance_i) / (ceiling_i - chance_i); NaN where chance is NaN."""
+    row, low, high = (np.asarray(values, dtype=float) for values in (final_row, chance, ceiling))
+    if not row.shape == low.shape == high.shape:
+        raise ValueError(f"final row, chance and ceiling differ in length: {row.shape}, {low.shape}, {high.shape}")
+    if np.any(high <= low):
+        raise ValueError("every ceiling must exceed its chance")
+    return 100.0 * (row - low) / (high - low)
+
+
 def normalized_average_performance(final_row: Sequence[float], chance: Sequence[float], ceiling: Sequence[float]) -> float:
     """nAP: AP after mapping each task onto 0 (its image-blind chance) .. 100 (its ceiling).
 
     nAP = mean_i 100 (R[T,i] - chance_i) / (ceiling_i - chance_i). AP mixes scales (CIDEr x 100
     reaches several hundred) and counts a constant reply's score as performance; nAP does neither.
     """
-    row, low, high = (np.asarray(values, dtype=float) for values in (final_row, chance, ceiling))
-    if not row.shape == low.shape == high.shape:
-        raise ValueError(f"final row, chance and ceiling differ in length: {row.shape}, {low.shape}, {high.shape}")
-    if np.any(high <= low):
-        raise ValueError("every ceiling must exceed its chance")
-    return _nanmean(100.0 * (row - low) / (high - low))
+    return _nanmean(normalized_scores(final_row, chance, ceiling))
 
 
 BOOTSTRAP = {"level": 0.95, "resamples": 1000, "seed": 0}  # the intervals results.json records, stated beside them

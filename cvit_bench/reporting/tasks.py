@@ -12,34 +12,28 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from cvit_bench.metrics import normalized_scores
+
 COLUMNS = ("method", "task", "chance", "diag_mean", "diag_std", "final_mean", "final_std",
            "final_norm_mean", "nAP_share", "diag_top_reply_share", "n_items", "n_seeds")
 
 
-def _declared_chance(run: dict) -> dict[str, float | None]:
-    return {task["name"]: task.get("chance") for task in run["run_info"]["config"]["suite"]["tasks"]}
-
-
-def _declared_ceiling(run: dict) -> dict[str, float]:
-    return {task["name"]: task.get("ceiling") or 100.0 for task in run["run_info"]["config"]["suite"]["tasks"]}
-
-
-def _normalized_finals(final: np.ndarray, tasks: list[str], chance: dict, ceiling: dict) -> np.ndarray:
-    """Each task's final score on nAP's scale, mean over seeds; NaN where the suite declares no chance."""
-    low = np.array([np.nan if chance.get(t) is None else chance[t] for t in tasks], dtype=float)
-    high = np.array([ceiling[t] for t in tasks], dtype=float)
-    return 100.0 * (final.mean(axis=0) - low) / (high - low)
+def _declared(run: dict, key: str, default: float | None = None) -> dict[str, float | None]:
+    """A suite field (``chance``, ``ceiling``) of every seen task, by task name."""
+    tasks = run["run_info"]["config"]["suite"]["tasks"]
+    return {task["name"]: default if task.get(key) is None else task[key] for task in tasks}
 
 
 def task_rows(method: str, runs: list[dict]) -> list[dict]:
     """One row per seen task of one method's runs (seeds of one setup)."""
     first = runs[0]
     tasks = first["run_info"]["task_order"]
-    chance = _declared_chance(first)
+    chance, ceiling = _declared(first, "chance"), _declared(first, "ceiling", 100.0)
     diag = np.array([[run["matrices"]["seen"]["vu"][i + 1][i] for i in range(len(tasks))] for run in runs], dtype=float)
     final = np.array([run["matrices"]["seen"]["vu"][-1] for run in runs], dtype=float)
     shares = [run.get("top_reply_share", {}).get("seen") for run in runs]
-    normalized = _normalized_finals(final, tasks, chance, _declared_ceiling(first))
+    low = [np.nan if chance[t] is None else chance[t] for t in tasks]
+    normalized = normalized_scores(final.mean(axis=0), low, [ceiling[t] for t in tasks])  # NaN where no chance is declared
     total = np.nansum(normalized)  # nAP averages the tasks that declare a chance
     rows = []
     for i, task in enumerate(tasks):
@@ -73,7 +67,7 @@ def reference_table(results: list[dict]) -> pd.DataFrame:
         scores = np.array([run["matrices"]["seen"]["vu"][1][0] for run in runs], dtype=float)
         shares = [run["top_reply_share"]["seen"][1][0] for run in runs if "top_reply_share" in run]
         rows.append({
-            "method": method, "task": task, "chance": _declared_chance(runs[0]).get(task),
+            "method": method, "task": task, "chance": _declared(runs[0], "chance").get(task),
             "zero_shot_mean": float(np.mean([run["matrices"]["seen"]["vu"][0][0] for run in runs])),
             "score_mean": scores.mean(), "score_std": scores.std(ddof=1) if len(runs) > 1 else np.nan,
             "top_reply_share": float(np.mean(shares)) if shares else np.nan,
