@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 import yaml
@@ -128,6 +128,7 @@ def run(
     order: Optional[str] = typer.Option(None, help="train the tasks in this order: a name from the suite's `orders:` or a comma-separated permutation of its tasks (default: as listed)"),
     only: Optional[str] = typer.Option(None, help="single-task reference runs: train this task alone from the base (comma-separated tasks or `all`: one run each; directory seed<N>-only-<task>)"),
     run_id: Optional[str] = typer.Option(None, help="run directory name (default seed<N>, seed<N>-order-<name> with --order)"),
+    variant: Optional[str] = typer.Option(None, help="name this configuration of the method (with --option): its runs are a row of their own in <suite>-ablation-<method>, directory seed<N>-variant-<name>"),
     resume: Optional[Path] = typer.Option(None, help="continue the run in this directory with the options it was started with"),
     fresh: bool = typer.Option(False, help="discard the run directory's checkpoint and results and start over"),
     keep_checkpoint: bool = typer.Option(False, help="keep the last stage checkpoint (final weights) after the run finishes"),
@@ -159,6 +160,8 @@ def run(
             if len(methods) * len(seed_list) * len(only_tasks or [None]) > 1:
                 if run_id is not None:
                     raise ConfigError("run: --run-id names one run; a sweep writes seed<N> directories")
+                from cvit_bench.sweep import plan_sweep
+
                 extra = [arg for item in option for arg in ("--option", item)]
                 extra += [*(["--steps-per-task", str(steps_per_task)] if steps_per_task is not None else []), *(["--model", model] if model else []),
                           *(["--max-steps", str(max_steps)] if max_steps is not None else []), "--dtype", dtype,
@@ -170,14 +173,16 @@ def run(
                           *(["--batch-size", str(batch_size)] if batch_size else []), *(["--grad-accum", str(grad_accum)] if grad_accum > 1 else []),
                           *(["--mixed-precision", mixed_precision] if mixed_precision else []), "--data-workers", str(data_workers),
                           "--log-with", log_with]
-                _sweep(loaded, suite, methods, seed_list, results_dir, jobs, threads, extra, task_order, only_tasks)
+                _sweep(loaded, seed_list, jobs, threads, "--model" in extra,
+                       lambda n: plan_sweep(suite, loaded.name, methods, seed_list, results_dir, n, extra, task_order, only_tasks, variant),
+                       f"{len(methods)} methods x seeds {seed_list}" + (f", order {task_order.name}" if task_order else ""))
                 return
             options = RunOptions(loaded, methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
                                  steps_per_task, run_id, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                                  max_steps=max_steps, module_patterns=parse_module_patterns(module_pattern), epochs_per_task=epochs_per_task,
                                  order=task_order, only=only_tasks[0] if only_tasks else None, batch_size=batch_size,
                                  grad_accum=grad_accum, mixed_precision=mixed_precision or launch_mixed_precision(),
-                                 save_adapters=save_adapters, log_with=log_with)
+                                 save_adapters=save_adapters, log_with=log_with, variant=variant)
         if threads is not None:
             options = dataclasses.replace(options, threads=threads)
         options = dataclasses.replace(options, data_workers=data_workers)
@@ -243,12 +248,11 @@ def _parse_seeds(seeds: str) -> list[int]:
     return parsed
 
 
-def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results_dir: Path, jobs: int, threads: int | None, extra: list[str],
-           order: TaskOrder | None, only: list[str] | None = None) -> None:
-    """Every (method, seed) as a child `cvit-bench run`; failures are listed with their logs and make the exit code 1."""
+def _sweep(loaded, seeds: list[int], jobs: int, threads: int | None, own_model: bool, plan: Callable[[int], list], what: str) -> None:
+    """The children ``plan(threads)`` lists, ``jobs`` at a time; failures are listed with their logs and make the exit code 1."""
     from cvit_bench.models.base_checkpoint import prepare_base
     from cvit_bench.suites.materialize import materialize
-    from cvit_bench.sweep import default_threads, plan_sweep, run_sweep
+    from cvit_bench.sweep import default_threads, run_sweep
 
     if loaded.data_source != "llava":  # generate each seed's data and the shared base once, not in every child at once
         with _progress() as progress:
@@ -256,12 +260,11 @@ def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results
             progress.update(reporter.task_id, description="data and base checkpoint")
             for seed in seeds:
                 materialize(loaded, seed)
-            if "--model" not in extra:
+            if not own_model:
                 prepare_base(loaded, report=reporter.step)
     threads = default_threads(jobs) if threads is None else threads
-    runs = plan_sweep(suite_ref, loaded.name, methods, seeds, results_dir, threads, extra, order, only)
-    in_order = f", order {order.name}" if order else ""
-    console.print(f"sweep: {len(runs)} runs of {loaded.name}{in_order} ({len(methods)} methods x seeds {seeds}), {jobs} at a time, {threads} threads each")
+    runs = plan(threads)
+    console.print(f"sweep: {len(runs)} runs of {loaded.name} ({what}), {jobs} at a time, {threads} threads each")
 
     def done(outcome, finished: int, total: int) -> None:
         state = "[green]ok[/]" if outcome.returncode == 0 else f"[red]failed (exit {outcome.returncode})[/], see {outcome.log}"
@@ -273,6 +276,48 @@ def _sweep(loaded, suite_ref: str, methods: list[str], seeds: list[int], results
                  else "re-run the same command to retry them (finished runs are skipped, interrupted ones resume)")
         console.print(f"[bold red]{len(failed)} of {len(runs)} runs failed[/]; {retry}")
         raise typer.Exit(code=1)
+
+
+@app.command()
+def ablate(
+    method: str = typer.Argument(..., help="a method whose paper's ablation ladder it declares (see `cvit-bench ls`)"),
+    suite: str = typer.Option("cvit-v2", help="suite name or path to a suite YAML"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated seeds: every rung runs each"),
+    jobs: int = typer.Option(1, min=1, help="runs executed at once, as child processes"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads per run (default: all cores, divided by --jobs)"),
+    results_dir: Path = typer.Option(Path("results"), help="rung runs are written to DIR/<suite>/<method>/seed<N>-variant-<rung>/"),
+    steps_per_task: Optional[int] = typer.Option(None, min=1, help="override the suite's training.steps_per_task"),
+    order: Optional[str] = typer.Option(None, help="a task order from the suite's `orders:` or a permutation (default: as listed)"),
+) -> None:
+    """Run every rung of METHOD's ablation ladder (bottom first) for every seed, then print the rungs beside the paper's scores.
+
+    Each rung is a named variant (`run --variant`), so `report` gives it a row of its own in
+    `<suite>-ablation-<method>.csv`; re-running the command resumes or skips finished rungs.
+    """
+    from cvit_bench.methods import METHODS
+    from cvit_bench.reporting.leaderboard import build_leaderboard, find_results, leaderboard_groups, with_paper_scores
+    from cvit_bench.reporting.tables import leaderboard_table
+    from cvit_bench.suites.orders import resolve_order
+    from cvit_bench.sweep import plan_ablation
+
+    try:
+        ladder = METHODS.get(method).ablation_ladder
+        if not ladder:
+            laddered = [name for name in METHODS.names() if METHODS.get(name).ablation_ladder]
+            raise ConfigError(f"ablate: {method} declares no ablation ladder (methods with one: {', '.join(laddered)})")
+        loaded = load_suite(suite)
+        task_order = resolve_order(loaded, order)
+        seed_list = _parse_seeds(seeds)
+        extra = ["--dtype", "float32", *(["--steps-per-task", str(steps_per_task)] if steps_per_task is not None else [])]
+        _sweep(loaded, seed_list, jobs, threads, False,
+               lambda n: plan_ablation(suite, loaded.name, method, ladder, seed_list, results_dir, n, extra, task_order),
+               f"{len(ladder)} rungs of {method} x seeds {seed_list}")
+        name = f"{loaded.name}{f'-order-{task_order.name}' if task_order else ''}-ablation-{method}"
+        board = with_paper_scores(build_leaderboard(leaderboard_groups(find_results(results_dir, loaded.name))[name]))
+    except (*USER_ERRORS, ValueError, OSError) as error:
+        fail(error)
+    print_table(leaderboard_table(board, title=f"Ablation ladder: {name}"))
+    console.print("paper: " + ", ".join(f"{label.partition(':')[2]} {score:.2f}" for label, score in zip(board["method"], board["paper"])))
 
 
 @app.command(name="eval")

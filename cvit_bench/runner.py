@@ -88,6 +88,7 @@ class RunOptions:
     mixed_precision: str = "no"  # accelerate's --mixed_precision: no, bf16 or fp16 autocast over the loaded weights
     save_adapters: bool = False  # export each stage's trained weights under RUN_DIR/adapters/stage<K>/
     log_with: str = NO_TRACKER  # an accelerate tracker (tensorboard, ...) receiving each step's loss and lr, see training/tracking.py
+    variant: str | None = None  # a named configuration of the method (an ablation rung): a leaderboard row of its own
 
     def __post_init__(self) -> None:
         self._check_values()
@@ -110,12 +111,14 @@ class RunOptions:
                     if value is not None and (problem := range_problem(flag, value, allowed, integer=True))]
         if self.run_id is not None and name_problem(self.run_id):
             problems.append(f"--run-id: {name_problem(self.run_id)}")
+        if self.variant is not None and name_problem(self.variant):
+            problems.append(f"--variant: {name_problem(self.variant)}")
         if problems:
             raise ConfigError("; ".join(problems))
 
     @property
     def run_dir(self) -> Path:
-        run_id = self.run_id if self.run_id is not None else default_run_id(self.seed, self.order and self.order.name, self.only)
+        run_id = self.run_id if self.run_id is not None else default_run_id(self.seed, self.order and self.order.name, self.only, self.variant)
         return inside(self.results_dir, self.suite.name, self.method, run_id)
 
     def request(self) -> dict[str, Any]:
@@ -126,7 +129,7 @@ class RunOptions:
             "seed": self.seed, "model": self.model, "data_root": None if self.data_root is None else str(Path(self.data_root).resolve()),
             "method_overrides": self.method_overrides, "steps_per_task": self.steps_per_task, "threads": self.threads,
             **self._backend_options(BACKEND_OPTIONS + REQUEST_ONLY_OPTIONS), **({"order": self.order.spec} if self.order else {}),
-            **({"only": self.only} if self.only else {}),
+            **({"only": self.only} if self.only else {}), **({"variant": self.variant} if self.variant else {}),
         }
 
     def _backend_options(self, keys: tuple[str, ...] = BACKEND_OPTIONS) -> dict[str, Any]:
@@ -158,6 +161,7 @@ class RunOptions:
             suite = load_suite(request["suite"])
             options = cls(
                 suite=suite, method=request["method"], seed=request["seed"], order=resolve_order(suite, request.get("order")), only=request.get("only"),
+                variant=request.get("variant"),
                 results_dir=run_dir.parent.parent.parent, model=request["model"],
                 data_root=None if request["data_root"] is None else Path(request["data_root"]),
                 method_overrides=request["method_overrides"], steps_per_task=request["steps_per_task"], run_id=run_dir.name,

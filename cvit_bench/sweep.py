@@ -13,9 +13,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from cvit_bench.suites.orders import TaskOrder, default_run_id
+
+if TYPE_CHECKING:  # the methods import torch; a sweep's parent process does not need it
+    from cvit_bench.methods.base import Rung
 
 
 @dataclass(frozen=True)
@@ -38,20 +41,31 @@ class SweepOutcome:
 
 
 def plan_sweep(suite_ref: str, suite_name: str, methods: list[str], seeds: list[int], results_dir: Path,
-               threads: int, extra_args: list[str], order: TaskOrder | None = None, only: list[str] | None = None) -> list[SweepRun]:
+               threads: int, extra_args: list[str], order: TaskOrder | None = None, only: list[str] | None = None,
+               variant: str | None = None) -> list[SweepRun]:
     """One child ``cvit-bench run`` per (method, seed) -- per (method, seed, task) for single-task reference runs --
-    seed-major so that a partial sweep covers every method."""
+    seed-major so that a partial sweep covers every method. ``variant`` names the configuration ``extra_args`` set."""
     order_args = ["--order", order.spec] if order else []
+    variant_args = ["--variant", variant] if variant else []
     return [
-        SweepRun(method, seed, results_dir / suite_name / method / default_run_id(seed, order and order.name, task), (
+        SweepRun(method, seed, results_dir / suite_name / method / default_run_id(seed, order and order.name, task, variant), (
             sys.executable, "-m", "cvit_bench", "run", "--suite", suite_ref, "--method", method, "--seed", str(seed),
             "--results-dir", str(results_dir), "--threads", str(threads), *order_args,
-            *(["--only", task] if task else []), *extra_args,
+            *(["--only", task] if task else []), *variant_args, *extra_args,
         ))
         for seed in seeds
         for task in (only or [None])
         for method in methods
     ]
+
+
+def plan_ablation(suite_ref: str, suite_name: str, method: str, ladder: Sequence[Rung], seeds: list[int], results_dir: Path,
+                  threads: int, extra_args: list[str], order: TaskOrder | None = None) -> list[SweepRun]:
+    """Every rung of ``method``'s ladder for every seed, as named variants, seed-major and bottom rung first."""
+    runs = [run for rung in ladder
+            for run in plan_sweep(suite_ref, suite_name, [method], seeds, results_dir, threads, [*rung.option_args(), *extra_args],
+                                  order, variant=rung.name)]
+    return sorted(runs, key=lambda run: run.seed)  # stable: rungs stay bottom first within a seed
 
 
 def default_threads(jobs: int) -> int:

@@ -121,9 +121,24 @@ def recorded_config(config: MethodConfig) -> dict[str, Any]:
             if not (f.metadata.get("added_later") and getattr(config, f.name) == f.default)}
 
 
+@dataclass(frozen=True)
+class Rung:
+    """One configuration of a method's ablation ladder (``cvit-bench ablate``): option values as ``--option`` takes
+    them, and the score its paper reports for that configuration (None where it reports none)."""
+
+    name: str
+    options: tuple[tuple[str, str], ...]
+    paper: float | None = None
+
+    def option_args(self) -> list[str]:
+        return [arg for key, value in self.options for arg in ("--option", f"{key}={value}")]
+
+
 class Method:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = TuningConfig
+    # the paper's ablation, bottom rung first; empty where the method's paper has none that options express
+    ablation_ladder: ClassVar[tuple[Rung, ...]] = ()
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config or self.config_class()

@@ -173,7 +173,9 @@ def rebuild_leaderboards(results_dir: Path, out_dir: Path) -> dict[str, Path]:
     results = find_results(results_dir)
     for name, group in leaderboard_groups(results).items():
         written[name] = inside(out_dir, f"{name}.csv")
-        write_leaderboard(build_leaderboard(group), written[name])
+        board = build_leaderboard(group)
+        variants = board["method"].str.contains(":").any()  # registered method names never hold ':'
+        write_leaderboard(with_paper_scores(board) if variants else board, written[name])
         if declares_chance(group):
             written[f"{name}-tasks"] = inside(out_dir, f"{name}-tasks.csv")
             write_leaderboard(tasks_table(runs_by_method(group)), written[f"{name}-tasks"])
@@ -216,14 +218,38 @@ def leaderboard_groups(results: list[dict]) -> dict[str, list[dict]]:
     A task order is part of a run's setup, so its runs get their own leaderboard; runs in the
     listed order keep the plain suite name, so suites run only in it have the leaderboards they had.
     Single-task reference runs are not continual runs: they go to the reference table instead.
+    Named variants of a method (``run --variant``, ``ablate``) go to ``<name>-ablation-<method>``, one row
+    per variant, labelled ``<method>:<variant>``.
     """
     groups = defaultdict(list)
     for result in results:
         if _single_task(result) is not None:
             continue
         suite, order = result["run_info"]["suite"], run_order(result)
-        groups[suite if order == DEFAULT_ORDER else f"{suite}-order-{order}"].append(result)
+        name = suite if order == DEFAULT_ORDER else f"{suite}-order-{order}"
+        variant = run_variant(result)
+        if variant is not None:
+            method = result["run_info"]["method"]
+            name, result = f"{name}-ablation-{method}", {**result, "run_info": {**result["run_info"], "method": f"{method}:{variant}"}}
+        groups[name].append(result)
     return dict(sorted(groups.items()))
+
+
+def run_variant(result: dict) -> str | None:
+    """The name of the method variant a run trained (None: the method as configured by the suite)."""
+    return (result["run_info"].get("request") or {}).get("variant")
+
+
+def with_paper_scores(board: pd.DataFrame) -> pd.DataFrame:
+    """An ablation board with each rung's published score (``paper``) beside its method column, from the method's ladder."""
+    from cvit_bench.methods import METHODS
+
+    def paper(label: str) -> float:
+        method, _, variant = label.partition(":")
+        rungs = {rung.name: rung.paper for rung in METHODS.get(method).ablation_ladder}
+        return np.nan if rungs.get(variant) is None else rungs[variant]
+
+    return board.assign(paper=board["method"].map(paper))[["method", "paper", *board.columns[1:]]]
 
 
 def run_order(result: dict) -> str:

@@ -132,7 +132,8 @@ def rebuild_rank_agreement(results: list[dict], out_dir: Path) -> dict[str, tupl
     """Write ``out_dir/<suite>-rank-agreement.csv`` for every suite with at least one comparison; {suite: (path, table)}."""
     by_suite = defaultdict(list)
     for result in results:
-        if (result["run_info"].get("request") or {}).get("only") is None:  # single-task reference runs rank nothing
+        request = result["run_info"].get("request") or {}
+        if request.get("only") is None and request.get("variant") is None:  # reference runs and variants rank nothing
             by_suite[result["run_info"]["suite"]].append(result)
     written = {}
     for suite, runs in sorted(by_suite.items()):

@@ -79,12 +79,13 @@ def in_order(suite: Suite, order: TaskOrder | None) -> Suite:
     return dataclasses.replace(suite, tasks=tuple(by_name[name] for name in order.tasks))
 
 
-def default_run_id(seed: int, order_name: str | None, only: str | None = None) -> str:
+def default_run_id(seed: int, order_name: str | None, only: str | None = None, variant: str | None = None) -> str:
     """``seed<N>``, ``seed<N>-order-<name>`` for a non-default order, ``seed<N>-only-<task>`` for a single-task reference
-    run, so runs of different setups never share a directory."""
+    run, ``seed<N>-variant-<name>`` (before any order) for a named variant, so runs of different setups never share a directory."""
     if only is not None:
         return f"seed{seed}-only-{only}"
-    return f"seed{seed}" if order_name is None or order_name == DEFAULT_ORDER else f"seed{seed}-order-{order_name}"
+    named = f"seed{seed}" if variant is None else f"seed{seed}-variant-{variant}"
+    return named if order_name is None or order_name == DEFAULT_ORDER else f"{named}-order-{order_name}"
 
 
 def single_task(suite: Suite, task: str) -> Suite:
