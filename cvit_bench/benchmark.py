@@ -114,6 +114,7 @@ def bench_method(suite: Suite, name: str, model_dir, train_chunks, eval_samples,
     method = build_method(name, {}, suite.method_defaults.get(name))
     declare_suite_tasks(method, suite)
     model = method.wrap_model(model, suite.task_names)
+    method.bind_tokenizer(processor.tokenizer)
     collator = Collator(processor)
     task = suite.tasks[0].name
     collated = [(chunk, collator.train_batch(chunk)) for chunk in train_chunks]

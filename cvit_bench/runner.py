@@ -708,6 +708,7 @@ def build_run_model(options: RunOptions, method: Method, data: SuiteData, model_
     else:
         sharded = 0
         model.to(processes.device)
+    method.bind_tokenizer(processor.tokenizer)
     collator = Collator(processor, device=processes.device, dtype=dtype, workers=options.data_workers)
     return model, collator, build_eval_plan(options.suite, data, collator, options.seed), sharded
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cvit_bench.data.collate import Collator
+from cvit_bench.data.samples import question_removed
 from cvit_bench.methods.branchlora import TaskSelector, mean_direction
 from cvit_bench.methods.mixture import MixtureLoraLinear
 from cvit_bench.models.backend import load_model
@@ -203,6 +204,30 @@ def test_the_oracle_selector_routes_each_seen_task_by_its_identity(smoke):
     assert all(hit == 1 for _, _, hit in method.evaluation_records())
 
 
+def test_instruction_text_keys_read_the_phrasing_without_its_question_and_select_its_task(smoke):
+    """Under text_feature=instruction two samples of one phrasing share a text feature whatever their questions, that
+    feature is the mean embedding of the instruction's tokens, and keys fitted on it pick each training phrasing's task."""
+    suite, model_dir, samples, _ = smoke
+    model, method, collator = fresh(smoke, text_feature="instruction")
+    method.bind_tokenizer(collator.tokenizer)
+    for stage, task in enumerate(("mcq", "ocr", "caption"), start=1):
+        train(smoke, model, method, collator, task, stage, steps=1)
+    first = samples["mcq"][0]
+    second = next(s for s in samples["mcq"] if s.phrasing_id == first.phrasing_id and s.turns[-1].prompt != first.turns[-1].prompt)
+    features = method._text_features(collator.train_batch([first, second]), [first, second])
+    assert torch.equal(features[0], features[1])
+    ids = collator.tokenizer(question_removed(first.instruction), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    assert torch.allclose(features[0], model.get_input_embeddings()(ids).mean(0))
+    probe = samples["mcq"][:4] + samples["ocr"][:4] + samples["caption"][:4]
+    with torch.no_grad():  # the image keys carry no task information here, so the text key alone must decide
+        for key in method.selector.image_keys:
+            key.zero_()
+        batch = collator.train_batch(probe)
+        with method.batch_context(probe, batch):
+            model(**batch)
+    assert [hit for _, _, hit in method.evaluation_records()] == [1] * len(probe)
+
+
 # --- options ----------------------------------------------------------------------------------
 def test_text_options_refuse_values_outside_their_choices_and_name_them():
     with pytest.raises(ConfigError, match=r"option route_on: expected one of first, token, mean, got 'last'"):
@@ -210,6 +235,8 @@ def test_text_options_refuse_values_outside_their_choices_and_name_them():
     with pytest.raises(ConfigError, match=r"option image_feature: expected one of vision, projected"):
         build_method("branchlora", {"image_feature": "clip"})
     assert build_method("branchlora", {"selector": "oracle", "text_feature": "none"}).config.selector == "oracle"
+    with pytest.raises(ConfigError, match=r"option text_feature: expected one of embedding, instruction, none"):
+        build_method("branchlora", {"text_feature": "prompt"})
 
 
 def test_state_round_trip_restores_keys_probes_and_phrasings(smoke):

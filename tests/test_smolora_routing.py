@@ -12,7 +12,8 @@ from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
 from cvit_bench.evaluation.generate import generate
 from cvit_bench.methods.mixture import Routing
-from cvit_bench.methods.smolora import SeparableLoraLinear, SeparableRouter, SmoLora, question_removed
+from cvit_bench.data.samples import question_removed
+from cvit_bench.methods.smolora import SeparableLoraLinear, SeparableRouter, SmoLora
 from cvit_bench.models.backend import load_model
 from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.registry import ConfigError

@@ -61,6 +61,12 @@ class Sample:
         return cls(**{**fields, "turns": turns, **tuples})
 
 
+def question_removed(prompt: str) -> str:
+    """A phrasing's instruction without its question, lines kept: ``"{question}\\nBe brief."`` -> ``"Be brief."``."""
+    lines = (" ".join(line.split()) for line in prompt.replace("{question}", "").splitlines())
+    return "\n".join(line for line in lines if line)
+
+
 def render_target(contract: str, answer: str) -> str:
     """The reference reply in the form the phrasing's contract demands."""
     if contract == "json_answer":

@@ -153,6 +153,10 @@ class Method:
         """Called once before :meth:`wrap_model` with the suite's seen tasks, each with the prompt templates it trains on,
         and its unseen tasks. Methods that route by task (SMoLoRA's instruction router) keep them; others need nothing."""
 
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Called once after :meth:`wrap_model` with the run's tokenizer, for methods that embed text of their own
+        (BranchLoRA's instruction key); others need nothing."""
+
     def wrap_model(self, model: nn.Module, tasks: list[str]) -> nn.Module:
         """Attach adapters / choose trainable parameters for a run over ``tasks``. Default: train projector + LLM, freeze the vision tower."""
         for parameter in vision_parameters(model):

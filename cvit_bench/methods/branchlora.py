@@ -42,7 +42,7 @@ from typing import Any, ContextManager, Iterator
 import torch
 from torch import nn
 
-from cvit_bench.data.samples import Sample
+from cvit_bench.data.samples import Sample, question_removed
 from cvit_bench.methods.base import METHODS, Method, Rung, TuningConfig, forward_passes, option
 from cvit_bench.methods.mixture import MixtureLoraLinear, Routing, SliceFreezer, inject_mixture, prompt_text_features, set_trainable
 from cvit_bench.methods.moelora import EXPERT_RANK
@@ -69,7 +69,8 @@ class BranchLoraConfig(TuningConfig):
     image_feature: str = option("vision", "selector image feature: the frozen vision tower's mean patch feature ('vision') or "
                                 "the mean of the trained projector's output ('projected')", Choices(("vision", "projected")))
     text_feature: str = option("embedding", "selector text feature: mean frozen input embedding of the prompt's text tokens "
-                               "('embedding'), or 'none' (image key only)", Choices(("embedding", "none")))
+                               "('embedding'), of the instruction alone, the phrasing without its question ('instruction'), "
+                               "or 'none' (image key only)", Choices(("embedding", "instruction", "none")))
     key_fit: str = option("mean", "'mean': after its stage each key is set to the minimiser of L_align over the probe (the "
                           "mean normalised feature); 'loss': keys train by selector_weight * L_align at key_lr",
                           Choices(("mean", "loss")))
@@ -203,6 +204,8 @@ class BranchLora(Method):
         self.text_features: torch.Tensor | None = None
         self.selector: TaskSelector | None = None
         self._model: nn.Module | None = None
+        self._tokenizer: Any = None
+        self._instruction_features: dict[str, torch.Tensor] = {}  # per instruction text, under text_feature: instruction
 
     # --- model -------------------------------------------------------------
     def wrap_model(self, model: nn.Module, tasks: list[str]) -> nn.Module:
@@ -227,7 +230,7 @@ class BranchLora(Method):
             else:
                 projector[-1].register_forward_hook(lambda module, inputs, output: self._capture_image_features(output))
                 image_dim = projector[-1].out_features
-            text_dim = model.get_input_embeddings().embedding_dim if c.text_feature == "embedding" else 0
+            text_dim = 0 if c.text_feature == "none" else model.get_input_embeddings().embedding_dim
             self.selector = model.task_selector = TaskSelector(n_routers, image_dim, text_dim)
         self._model = model
         self._train_only(0)
@@ -258,9 +261,27 @@ class BranchLora(Method):
         self.image_features = self.routing.sequence_mean(tokens.detach())
 
     # --- routing -----------------------------------------------------------
-    def _text_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Mean frozen input embedding of each prompt's text tokens, or None under ``text_feature: none``."""
-        return None if self.config.text_feature == "none" else prompt_text_features(self._model, batch)
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def _text_features(self, batch: dict[str, torch.Tensor], samples: list[Sample]) -> torch.Tensor | None:
+        """Mean frozen input embedding of each prompt's text tokens, or of its instruction alone, or None under ``text_feature: none``."""
+        if self.config.text_feature == "none":
+            return None
+        if self.config.text_feature == "instruction":
+            return torch.stack([self._instruction_feature(question_removed(sample.instruction)) for sample in samples])
+        return prompt_text_features(self._model, batch)
+
+    def _instruction_feature(self, text: str) -> torch.Tensor:
+        """The instruction's mean frozen input embedding: what a task asks for, apart from the question asked, which
+        the whole prompt's mean mixes in (tasks whose questions look alike then share a text key)."""
+        if text not in self._instruction_features:
+            embeddings = self._model.get_input_embeddings()
+            ids = self._tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0].to(embeddings.weight.device)
+            with torch.no_grad():
+                self._instruction_features[text] = (embeddings(ids).mean(0) if len(ids)
+                                                    else embeddings.weight.new_zeros(embeddings.embedding_dim))
+        return self._instruction_features[text]
 
     def _per_sample_image_features(self, samples: list[Sample]) -> torch.Tensor:
         """Few-shot samples carry several images: average their features per sample."""
@@ -274,13 +295,13 @@ class BranchLora(Method):
             return self._selected_routing(samples, batch)
         task = torch.full((len(samples),), self.route_task or 0, dtype=torch.long)
         if self.route_task is not None and self.selector is not None:
-            self.text_features = self._text_features(batch)  # the alignment loss and the probe read it
+            self.text_features = self._text_features(batch, samples)  # the alignment loss and the probe read it
         return self.routing.bind(attention_mask=batch["attention_mask"], task=lambda: task,
                                  rows_per_image=packed_image_rows(self._model.config, batch))
 
     @contextlib.contextmanager
     def _selected_routing(self, samples: list[Sample], batch: dict[str, torch.Tensor]) -> Iterator[None]:
-        text = self._text_features(batch)
+        text = self._text_features(batch, samples)
 
         def select() -> torch.Tensor:  # called at the first adapted layer, after the projector ran on this batch
             picked = self.selector.select(self._per_sample_image_features(samples), text, self.trained)

