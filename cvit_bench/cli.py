@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import typer
 import yaml
@@ -17,9 +17,6 @@ from cvit_bench.ranges import SEED, range_problem
 from cvit_bench.registry import ConfigError, UnknownNameError
 from cvit_bench.suites.schema import SuiteError, load_suite, suite_names
 from cvit_bench.training.loop import NonFiniteLossError
-
-if TYPE_CHECKING:
-    from cvit_bench.suites.orders import TaskOrder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Benchmark harness for continual visual instruction tuning.")
 console = Console()
@@ -175,7 +172,7 @@ def run(
                           "--log-with", log_with]
                 _sweep(loaded, seed_list, jobs, threads, "--model" in extra,
                        lambda n: plan_sweep(suite, loaded.name, methods, seed_list, results_dir, n, extra, task_order, only_tasks, variant),
-                       f"{len(methods)} methods x seeds {seed_list}" + (f", order {task_order.name}" if task_order else ""))
+                       f"{len(methods)} methods x seeds {seed_list}" + (f", order {task_order.name}" if task_order else ""), fresh)
                 return
             options = RunOptions(loaded, methods[0], seed_list[0], results_dir, model, data_root, _parse_options(option),
                                  steps_per_task, run_id, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
@@ -248,7 +245,8 @@ def _parse_seeds(seeds: str) -> list[int]:
     return parsed
 
 
-def _sweep(loaded, seeds: list[int], jobs: int, threads: int | None, own_model: bool, plan: Callable[[int], list], what: str) -> None:
+def _sweep(loaded, seeds: list[int], jobs: int, threads: int | None, own_model: bool, plan: Callable[[int], list], what: str,
+           fresh: bool = False) -> None:
     """The children ``plan(threads)`` lists, ``jobs`` at a time; failures are listed with their logs and make the exit code 1."""
     from cvit_bench.models.base_checkpoint import prepare_base
     from cvit_bench.suites.materialize import materialize
@@ -272,7 +270,7 @@ def _sweep(loaded, seeds: list[int], jobs: int, threads: int | None, own_model: 
 
     failed = [o for o in run_sweep(runs, jobs, threads, done) if o.returncode != 0]
     if failed:
-        retry = ("re-run it without --fresh to retry them (finished runs are then skipped)" if "--fresh" in extra
+        retry = ("re-run it without --fresh to retry them (finished runs are then skipped)" if fresh
                  else "re-run the same command to retry them (finished runs are skipped, interrupted ones resume)")
         console.print(f"[bold red]{len(failed)} of {len(runs)} runs failed[/]; {retry}")
         raise typer.Exit(code=1)
