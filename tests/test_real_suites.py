@@ -29,7 +29,7 @@ def record_fields(task: RealTaskSpec, i: int) -> dict:
         options = ["red", "blue", "green"]
         question = "Which colour is the square?\n" + "\n".join(f"{chr(65 + k)}. {o}" for k, o in enumerate(options))
         return {"question": question, "answer": "ABC"[i % 3], "options": options}
-    if task.scorer in ("cider", "cider_single_ref"):
+    if task.scorer in ("cider", "cider_single_ref", "caption_mean"):
         return {"question": "", "answer": CAPTIONS[i % 3], "answers": CAPTIONS[i % 3:] + CAPTIONS[: i % 3]}
     if task.scorer.startswith("grounding_iou"):
         box = [0.1, 0.2, 0.5, 0.6 + 0.1 * (i % 3)]

@@ -490,6 +490,21 @@ def test_score_task_cider(mixed_task, mixed_captions):
     assert mixed_task.skipped == mixed_captions.skipped
 
 
+def test_caption_mean_is_ucits_average_of_seven_metrics_matched_by_order():
+    """Each prediction repeats its own reference, so matched by index (and only so) every n-gram finds its match: by
+    hand BLEU-1..4 = 1 (brevity penalty 1), ROUGE-L = 1, CIDEr-D = 10 (equal tf-idf vectors, cosine 1 for each n,
+    no length penalty; the captions share no n-gram, so every idf is log 3 > 0). METEOR comes from its Java tool
+    (its fragmentation penalty keeps an exact match below 1); the score is the mean of the seven."""
+    captions = ["a brown dog runs across green grass", "two children play football in a park", "an old man reads the newspaper"]
+    result = score_task("caption_mean", captions, [{"answers": [caption]} for caption in captions])
+    expected = {"BLEU-1": 1.0, "BLEU-2": 1.0, "BLEU-3": 1.0, "BLEU-4": 1.0, "ROUGE-L": 1.0, "CIDEr": 10.0}
+    assert {name: result.extra[name] for name in expected} == pytest.approx(expected, rel=1e-6)
+    assert 0.0 < result.extra["METEOR"] <= 1.0
+    assert result.extra["caption_mean"] == pytest.approx((15.0 + result.extra["METEOR"]) / 7)
+    assert sum(result.per_sample) / len(captions) == pytest.approx(result.extra["caption_mean"])  # the matrix records the mean
+    assert "SPICE" in result.skipped
+
+
 def test_score_task_cider_single_ref():
     samples = [{"answers": ["dog"]}, {"answers": ["cat"]}]
     result = score_task("cider_single_ref", ["dog", "dog"], samples)
