@@ -127,3 +127,31 @@ def test_prompts_carry_the_authors_suffixes(converted):
         assert prompts["vp"][0] == "Which is closer?\n(A) box\n(B) lamp"
         math = loaded.records("math", "test")[0]
         assert math.options == ("3/11", "8/11") and math.meta == {"question_type": "multi_choice", "answer_type": "text"}
+
+
+def test_a_tiny_model_run_leaves_app_empty_and_averages_the_rest(converted, tmp_path):
+    """End to end on the fixture: the runner hands the records' meta to the scorers, and APP's column stays null."""
+    import dataclasses
+
+    from cvit_bench.io import read_json
+    from cvit_bench.models.tiny import TinyLlavaConfig, build_model, build_processor, save_tiny, train_tokenizer
+    from cvit_bench.runner import RunOptions, run
+
+    suite_name, data = converted
+    if suite_name != "mllm-acl":
+        pytest.skip("one run covers both suites' path; mllm-acl is the one with a not-computed task")
+    suite = load_suite(suite_name)
+    texts = [p.read_text() for p in data.glob("*/*.json")]
+    config = TinyLlavaConfig(image_size=16, patch_size=8, vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32,
+                             text_layers=1, text_heads=2, text_intermediate=64, vocab_size=300, max_positions=1024)
+    tokenizer = train_tokenizer(texts, config.vocab_size)
+    save_tiny(build_model(tokenizer, config), build_processor(tokenizer, config), tmp_path / "model")
+    tasks = tuple(dataclasses.replace(task, max_new_tokens=4) for task in suite.tasks)  # replies' length is not under test
+    suite = dataclasses.replace(suite, tasks=tasks, training=dataclasses.replace(suite.training, batch_size=2))
+    run_dir = run(RunOptions(suite, "seqlora", 0, tmp_path / "results", model=str(tmp_path / "model"), data_root=data,
+                             steps_per_task=1, threads=1))
+    result = read_json(run_dir / "results.json")
+    vu = result["matrices"]["seen"]["vu"]
+    assert len(vu) == len(suite.tasks) + 1 and all(row[3] is None for row in vu)
+    assert all(value is not None for row in vu for value in row[:3])
+    assert result["metrics"]["AP"] == pytest.approx(sum(vu[-1][:3]) / 3)

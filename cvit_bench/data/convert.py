@@ -71,7 +71,8 @@ class FileReport:
         line = f"{self.source} -> {self.target}: {self.records} records (instruction cut by {used or 'none'})"
         if self.unframed:
             line += (f"; {self.unframed} matched no phrasing of the task's template and keep their whole text as the "
-                     f"question, so their prompt repeats an instruction (first: id {self.first_unframed})")
+                     f"question, so their prompt repeats an instruction if that text carries one (MLLM-CL's Med texts "
+                     f"carry none: its script adds it) (first: id {self.first_unframed})")
         return line
 
 
