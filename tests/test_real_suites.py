@@ -18,7 +18,7 @@ from cvit_bench.suites.availability import check_data, format_report, image_root
 from cvit_bench.suites.materialize import DATA_ROOT_ENV, evaluation_subset, materialize
 from cvit_bench.suites.schema import RealSuite, RealTaskSpec, SuiteError, TaskSpec, load_suite
 
-REAL_SUITES = ["coin", "smolora-cvit", "smolora-cvit-multi", "ucit"]
+REAL_SUITES = ["coin", "smolora-cvit", "smolora-cvit-multi", "ucit", "mllm-dcl", "mllm-acl"]
 CAPTIONS = ["a dog runs across the green grass.", "a brown dog is running on a lawn.", "the dog plays outside in the sun."]
 LABELS = ["dog", "cat", "tree"]
 
