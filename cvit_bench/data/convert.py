@@ -38,8 +38,6 @@ RELEASED_NAMES = {"train": ("train.json", "train_brief_4w.json"), "test": ("test
 RELEASED_FOLDERS = {"train": ("",), "test": ("", "_test")}
 WHOLE_RELEASE = "release"  # a suite's `images` that means "the release's root, images beside each task's files"
 QUESTION_FILE_KEYS = {"question_id", "image", "text", "answer", "answers", "answer_bbox", "choices"}
-# Instructions a release adds per item at inference rather than per task (template name -> question, answer -> question).
-# MLLM-CL's Fin (model_fin.py) appends one by answer type; cvit-bench keeps it in the item's question.
 FIN_YES_NO, FIN_LETTER = " Only answer with yes or no directly.", " Answer the question with a single letter choice."
 
 
@@ -49,6 +47,8 @@ def finance_question(question: str, answer: str) -> str:
     return question if question.endswith(suffix.strip()) else question + suffix
 
 
+# Instructions a release adds per item at inference rather than per task (template name -> (question, answer) -> question):
+# MLLM-CL's Fin (model_fin.py) appends one by answer type, so cvit-bench keeps it in the item's question.
 ITEM_INSTRUCTIONS = {"mllm/fin": finance_question}
 OPTION_LINE = re.compile(r"^\(?([A-Z])[.)]\s*(.+)$")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
