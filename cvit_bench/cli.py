@@ -199,12 +199,12 @@ def run(
 
 def resolution_line(board) -> str:
     """What AP difference the leaderboard's seeds resolve (80 % power, two-sided 5 %), and how many method pairs it separates."""
-    from cvit_bench.reporting.power import minimum_detectable_difference, pooled_std, separated_pairs
+    from cvit_bench.reporting.power import detectable_difference, separated_pairs
 
-    n_seeds = int(board["n_seeds"].min()) if len(board) else 0
-    if n_seeds < 2:
+    detectable = detectable_difference(board, "AP")
+    if detectable is None:
         return "resolution: fewer than two seeds per method, so no seed spread to test differences against"
-    difference = minimum_detectable_difference(pooled_std(board["AP_std"].tolist()), n_seeds)
+    difference, n_seeds = detectable
     means = dict(zip(board["method"], board["AP_mean"]))
     pairs = len(means) * (len(means) - 1) // 2
     return (f"resolution: with {n_seeds} seeds an AP difference of {difference:.1f} points is detected with 80 % power; "

@@ -1,4 +1,4 @@
-"""Files that ship inside the package: suites, instruction templates, check bands and the shipped base.
+"""Files that ship inside the package: suites, instruction templates, check bands, claims and the shipped base.
 
 They live under ``cvit_bench/`` and are found through :mod:`importlib.resources`, so an
 installed wheel carries and finds them exactly as a source checkout does (the checkout's
@@ -14,6 +14,7 @@ SUITES = "task_suites"
 TEMPLATES = "instruction_templates"
 CHECKS = "checks"
 BASES = "bases"
+CLAIMS = "claims"
 
 
 def shipped(folder: str) -> Path:

@@ -18,7 +18,7 @@ from cvit_bench.suites.availability import check_data, format_report, image_root
 from cvit_bench.suites.materialize import DATA_ROOT_ENV, evaluation_subset, materialize
 from cvit_bench.suites.schema import RealSuite, RealTaskSpec, SuiteError, TaskSpec, load_suite
 
-REAL_SUITES = ["coin", "smolora-cvit", "smolora-cvit-multi", "ucit"]
+REAL_SUITES = ["coin", "smolora-cvit", "smolora-cvit-multi", "ucit", "mllm-dcl", "mllm-acl"]
 CAPTIONS = ["a dog runs across the green grass.", "a brown dog is running on a lawn.", "the dog plays outside in the sun."]
 LABELS = ["dog", "cat", "tree"]
 
@@ -29,7 +29,7 @@ def record_fields(task: RealTaskSpec, i: int) -> dict:
         options = ["red", "blue", "green"]
         question = "Which colour is the square?\n" + "\n".join(f"{chr(65 + k)}. {o}" for k, o in enumerate(options))
         return {"question": question, "answer": "ABC"[i % 3], "options": options}
-    if task.scorer in ("cider", "cider_single_ref"):
+    if task.scorer in ("cider", "cider_single_ref", "caption_mean"):
         return {"question": "", "answer": CAPTIONS[i % 3], "answers": CAPTIONS[i % 3:] + CAPTIONS[: i % 3]}
     if task.scorer.startswith("grounding_iou"):
         box = [0.1, 0.2, 0.5, 0.6 + 0.1 * (i % 3)]

@@ -282,7 +282,23 @@ SCORER_CASES = [
     ("grounding_iou", "The box is 0,0,10,5.", BOX, 1.0),  # IoU = 50/100 = 0.5, the threshold
     ("grounding_iou", "[5, 0, 15, 10]", BOX, 0.0),  # IoU = 50/(100+100-50) = 1/3
     ("grounding_iou", "no box here", BOX, 0.0),
+    # MLLM-CL's rules: one case each way here, the hand-scored cases in tests/test_mllm_cl_scoring.py.
+    ("mllm_word_or_substring", "A long runway.", {"answer": "runway"}, 1.0),
+    ("mllm_word_or_substring", "Unanswerable runway", {"answer": "runway"}, 0.0),
+    ("mllm_contains", "Yes, it is", {"answer": "yes"}, 1.0),
+    ("mllm_contains", "no", {"answer": "yes"}, 0.0),
+    ("mllm_science", "b", {"answer": "B", "image": "AI2D_1.png", "prompt": "?"}, 1.0),
+    ("mllm_science", "b.", {"answer": "B", "image": "AI2D_1.png", "prompt": "?"}, 0.0),
+    ("mllm_finance", "B.", {"answer": "B"}, 1.0),
+    ("mllm_finance", "A", {"answer": "B"}, 0.0),
+    ("mllm_ocr", "It says STOP", {"answers": ["stop"], "meta": {"answer_type": "Regular Text Recognition"}}, 1.0),
+    ("mllm_ocr", "go", {"answers": ["stop"], "meta": {"answer_type": "Regular Text Recognition"}}, 0.0),
+    ("mllm_math_rules", "14", {"answer": "14", "meta": {"question_type": "free_form", "answer_type": "integer"}}, 1.0),
+    ("mllm_math_rules", "It is 14", {"answer": "14", "meta": {"question_type": "free_form", "answer_type": "integer"}}, 0.0),
+    ("mllm_spatial", "(A) box", {"answer": "(A)"}, 1.0),
+    ("mllm_spatial", "A", {"answer": "(A)"}, 0.0),
 ]
+NO_SCORE = {"not_computed"}  # scores nothing by design (NaN: an empty cell); tests/test_mllm_cl_scoring.py pins it
 
 
 @pytest.mark.parametrize(("scorer", "output", "sample", "expected"), SCORER_CASES)
@@ -291,7 +307,7 @@ def test_sample_scorers(scorer, output, sample, expected):
 
 
 def test_every_sample_scorer_has_a_positive_and_a_negative_case():
-    for name in SAMPLE_SCORERS:
+    for name in set(SAMPLE_SCORERS) - NO_SCORE:
         expected = {case[3] for case in SCORER_CASES if case[0] == name}
         assert {0.0, 1.0} <= expected, name
 
@@ -488,6 +504,21 @@ def test_score_task_cider(mixed_task, mixed_captions):
     assert mixed_task.extra["BLEU-4"] == pytest.approx(EXPECTED_BLEU4, rel=1e-6)
     assert mixed_task.extra["ROUGE-L"] == pytest.approx(EXPECTED_ROUGE_L)
     assert mixed_task.skipped == mixed_captions.skipped
+
+
+def test_caption_mean_is_ucits_average_of_seven_metrics_matched_by_order():
+    """Each prediction repeats its own reference, so matched by index (and only so) every n-gram finds its match: by
+    hand BLEU-1..4 = 1 (brevity penalty 1), ROUGE-L = 1, CIDEr-D = 10 (equal tf-idf vectors, cosine 1 for each n,
+    no length penalty; the captions share no n-gram, so every idf is log 3 > 0). METEOR comes from its Java tool
+    (its fragmentation penalty keeps an exact match below 1); the score is the mean of the seven."""
+    captions = ["a brown dog runs across green grass", "two children play football in a park", "an old man reads the newspaper"]
+    result = score_task("caption_mean", captions, [{"answers": [caption]} for caption in captions])
+    expected = {"BLEU-1": 1.0, "BLEU-2": 1.0, "BLEU-3": 1.0, "BLEU-4": 1.0, "ROUGE-L": 1.0, "CIDEr": 10.0}
+    assert {name: result.extra[name] for name in expected} == pytest.approx(expected, rel=1e-6)
+    assert 0.0 < result.extra["METEOR"] <= 1.0
+    assert result.extra["caption_mean"] == pytest.approx((15.0 + result.extra["METEOR"]) / 7)
+    assert sum(result.per_sample) / len(captions) == pytest.approx(result.extra["caption_mean"])  # the matrix records the mean
+    assert "SPICE" in result.skipped
 
 
 def test_score_task_cider_single_ref():

@@ -10,7 +10,13 @@ frames keeps its whole text and is counted in the report (its prompt would repea
 instruction). Answers, all reference answers, options and boxes are kept.
 
 Images are not copied: ``DST/<images>`` links to ``SRC/<images>`` when the suite has one image
-folder, so ``--data-root DST`` finds both.
+folder, so ``--data-root DST`` finds both. A release that keeps each task's images beside its files
+(MLLM-CL: ``RS/images``, ``OCR_test/images``) has no such folder; its suite names ``images: release``,
+``DST/release`` links to ``SRC`` itself and every image path gains the folder of the file that names it.
+
+Question-file fields beyond the question, image and answers are kept in the record's ``meta`` (the
+scorers of MLLM-CL's OCR and Math read its category and answer type there); a ``choices`` list
+becomes the record's ``options``.
 """
 from __future__ import annotations
 
@@ -28,6 +34,22 @@ from cvit_bench.suites.schema import Phrasing, RealSuite, RealTaskSpec
 # The file names the releases use for a split, in the order tried (the suites' headers name them):
 # CoIN's OCR-VQA evaluates test_1.json, SMoLoRA several val.json, UCIT test_3000.json and Flickr30k's train_brief_4w.json.
 RELEASED_NAMES = {"train": ("train.json", "train_brief_4w.json"), "test": ("test.json", "test_1.json", "val.json", "test_3000.json")}
+# Folders a split may sit in besides the task's own, as a suffix of its name: MLLM-ACL keeps each test set in <Task>_test.
+RELEASED_FOLDERS = {"train": ("",), "test": ("", "_test")}
+WHOLE_RELEASE = "release"  # a suite's `images` that means "the release's root, images beside each task's files"
+QUESTION_FILE_KEYS = {"question_id", "image", "text", "answer", "answers", "answer_bbox", "choices"}
+FIN_YES_NO, FIN_LETTER = " Only answer with yes or no directly.", " Answer the question with a single letter choice."
+
+
+def finance_question(question: str, answer: str) -> str:
+    """A Fin question with the suffix model_fin.py appends: yes/no for a "Yes"/"No" answer, else a letter choice."""
+    suffix = FIN_YES_NO if answer in ("Yes", "No") else FIN_LETTER
+    return question if question.endswith(suffix.strip()) else question + suffix
+
+
+# Instructions a release adds per item at inference rather than per task (template name -> (question, answer) -> question):
+# MLLM-CL's Fin (model_fin.py) appends one by answer type, so cvit-bench keeps it in the item's question.
+ITEM_INSTRUCTIONS = {"mllm/fin": finance_question}
 OPTION_LINE = re.compile(r"^\(?([A-Z])[.)]\s*(.+)$")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 MANY_ANSWERS = ("vqa_accuracy", "vqa_accuracy_vqaeval")  # scorers that need several reference answers per test record
@@ -49,7 +71,8 @@ class FileReport:
         line = f"{self.source} -> {self.target}: {self.records} records (instruction cut by {used or 'none'})"
         if self.unframed:
             line += (f"; {self.unframed} matched no phrasing of the task's template and keep their whole text as the "
-                     f"question, so their prompt repeats an instruction (first: id {self.first_unframed})")
+                     f"question, so their prompt repeats an instruction if that text carries one (MLLM-CL's Med texts "
+                     f"carry none: its script adds it) (first: id {self.first_unframed})")
         return line
 
 
@@ -99,8 +122,11 @@ def _read_released(path: Path) -> list[dict]:
     return records
 
 
-def _record(raw: dict, where: str, task: RealTaskSpec, report: FileReport, *, ground: bool, scored: bool) -> list[dict]:
+def _record(raw: dict, where: str, task: RealTaskSpec, report: FileReport, *, ground: bool, scored: bool,
+            image_prefix: str = "") -> list[dict]:
     """One released record (conversations or a question-file row) as harness records (one per question-answer turn)."""
+    meta: dict[str, Any] = {}
+    options_field = raw.get("choices")
     if "conversations" in raw:
         turns = raw["conversations"]
         if not isinstance(turns, list) or len(turns) < 2 or len(turns) % 2:
@@ -118,6 +144,7 @@ def _record(raw: dict, where: str, task: RealTaskSpec, report: FileReport, *, gr
         answers_field = raw.get("answers", answer if isinstance(answer, list) else None)
         pairs = [(raw["text"], answer[0] if isinstance(answer, list) else answer)]
         base_id = str(raw["question_id"])
+        meta = {key: value for key, value in raw.items() if key not in QUESTION_FILE_KEYS}
     records = []
     for k, (human, answer) in enumerate(pairs):
         if not isinstance(human, str) or not isinstance(answer, (str, int, float, list)):
@@ -126,15 +153,18 @@ def _record(raw: dict, where: str, task: RealTaskSpec, report: FileReport, *, gr
             box = parse_box(answer, f"{where}.answer")
             answer = "[" + ", ".join(f"{v:g}" for v in box) + "]"
         question, phrasing = split_instruction(human, task.template.train + task.template.heldout)
+        if task.template.task_type in ITEM_INSTRUCTIONS:
+            question = ITEM_INSTRUCTIONS[task.template.task_type](question, str(answer))
         report.records += 1
         if phrasing is None:
             report.unframed += 1
             report.first_unframed = report.first_unframed or base_id
         else:
             report.phrasings[phrasing.id] = report.phrasings.get(phrasing.id, 0) + 1
+        image = raw.get("image")
         record: dict[str, Any] = {
             "id": base_id if len(pairs) == 1 else f"{base_id}-{k}",
-            "image": raw.get("image"),
+            "image": f"{image_prefix}/{image}" if image_prefix and isinstance(image, str) else image,
             "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{human.replace(IMAGE_TOKEN, '').strip()}"},
                               {"from": "gpt", "value": str(answer)}],
             "question": question,
@@ -146,22 +176,32 @@ def _record(raw: dict, where: str, task: RealTaskSpec, report: FileReport, *, gr
         if scored and task.scorer in MANY_ANSWERS and len(record.get("answers", ())) < 2:
             raise DataError(f"{where}.answers: {task.scorer} scores against every annotator's answer; give the record an "
                             f"`answers` list (TextVQA's ten from TextVQA_0.5.1_val.json, by question_id)")
-        if task.template.train[0].contract == "letter":
+        if options_field is not None:
+            if not isinstance(options_field, list) or not all(isinstance(o, (str, int, float)) for o in options_field):
+                raise DataError(f"{where}.choices: expected a list of option texts")
+            record["options"] = [str(o) for o in options_field]
+        elif task.template.train[0].contract == "letter":
             options = parse_options(question)
             if options:
                 record["options"] = options
         if ground:
             record["box"] = box
+        if meta:
+            record["meta"] = meta
         records.append(record)
     return records
 
 
 def released_file(src_folder: Path, split: str) -> Path:
-    """The release's file for ``split`` in a task folder (the first of its known names present)."""
-    for name in RELEASED_NAMES[split]:
-        if (src_folder / name).is_file():
-            return src_folder / name
-    raise DataError(f"{src_folder}: no {split} file (looked for {', '.join(RELEASED_NAMES[split])})")
+    """The release's file for ``split`` of a task folder (the first of its known names present, in the folder itself or,
+    for a test set, in ``<folder>_test``)."""
+    for suffix in RELEASED_FOLDERS[split]:
+        folder = src_folder.with_name(src_folder.name + suffix)
+        for name in RELEASED_NAMES[split]:
+            if (folder / name).is_file():
+                return folder / name
+    folders = " or ".join(f"{src_folder.name}{suffix}" for suffix in RELEASED_FOLDERS[split])
+    raise DataError(f"{src_folder.parent}: no {split} file in {folders} (looked for {', '.join(RELEASED_NAMES[split])})")
 
 
 def convert_suite(suite: RealSuite, src: Path, dst: Path) -> list[FileReport]:
@@ -169,16 +209,20 @@ def convert_suite(suite: RealSuite, src: Path, dst: Path) -> list[FileReport]:
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise DataError(f"{dst}: the destination must differ from the source (the released files are read, not rewritten)")
+    whole_release = suite.images == WHOLE_RELEASE
     reports = []
     for task, split in required_files(suite):
         source = released_file(src / task.data, split)
         report = FileReport(source, dst / task.data / f"{split}.json")
         ground = task.template.train[0].contract == "bbox"
+        prefix = source.parent.relative_to(src).as_posix() if whole_release else ""
         converted = [record for i, raw in enumerate(_read_released(source))
-                     for record in _record(raw, f"{source}: record {i}", task, report, ground=ground, scored=split == "test")]
+                     for record in _record(raw, f"{source}: record {i}", task, report, ground=ground, scored=split == "test",
+                                           image_prefix=prefix)]
         report.target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(report.target, converted)
         reports.append(report)
-    if suite.images and (src / suite.images).is_dir() and not (dst / suite.images).exists():
-        (dst / suite.images).symlink_to((src / suite.images).resolve(), target_is_directory=True)
+    images = src if whole_release else src / suite.images if suite.images else None
+    if images is not None and images.is_dir() and not (dst / suite.images).exists():
+        (dst / suite.images).symlink_to(images.resolve(), target_is_directory=True)
     return reports

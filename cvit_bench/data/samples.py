@@ -11,7 +11,7 @@ import json
 import random
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -42,11 +42,15 @@ class Sample:
     contract: str
     phrasing_id: str
     instruction: str  # the phrasing's prompt template, the input of SMoLoRA's instruction router
+    # The record's released fields a scorer needs beyond its answers (MLLM-CL's OCR category, MathVista's answer type).
+    meta: dict = field(default_factory=dict, compare=False)
 
     @property
     def scoring_fields(self) -> dict:
-        """What a scorer reads, as the plain dict the scorers take."""
-        return {"answer": self.answer, "answers": list(self.answers), "options": list(self.options), "box": list(self.box)}
+        """What a scorer reads, as the plain dict the scorers take: the answers, and the prompt as sent, the image's
+        file name and the record's ``meta`` for the benchmarks whose rule depends on them (MLLM-CL's Sci and OCR)."""
+        return {"answer": self.answer, "answers": list(self.answers), "options": list(self.options), "box": list(self.box),
+                "prompt": self.turns[-1].prompt, "image": self.turns[-1].image.name, "meta": dict(self.meta)}
 
     def to_json(self) -> dict:
         """Plain JSON (a replay memory is saved with the run's checkpoints)."""
@@ -97,6 +101,7 @@ def phrase(record: Record, task: str, phrasing: Phrasing, shots: tuple[Record, .
         contract=phrasing.contract,
         phrasing_id=phrasing.id,
         instruction=phrasing.prompt,
+        meta=record.meta,
     )
 
 

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from rapidfuzz import fuzz
 
+from cvit_bench.evaluation import mllm_cl
+
 # ---------------------------------------------------------------------------------------------
 # VQA answer normalization, after the official VQA evaluation script (vqaEval.py,
 # GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation).
@@ -377,17 +379,22 @@ def _spice(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
 
 
 def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+    return _meteor_scores(gts, res)[0]
+
+
+def _meteor_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float, list[float]]:
+    """METEOR of the corpus (the Java tool's aggregate, not the mean of the segments) and of each sample."""
     from pycocoevalcap.meteor.meteor import Meteor
 
     scorer = Meteor()
     try:
-        score, _ = scorer.compute_score(gts, res)
+        score, scores = scorer.compute_score(gts, res)
     finally:
         # Meteor.compute_score holds a lock it never releases on error, and Meteor.__del__ waits
         # on that lock: release it so a failed METEOR cannot hang garbage collection.
         if scorer.lock.locked():
             scorer.lock.release()
-    return float(score)
+    return float(score), [float(value) for value in scores]
 
 
 def caption_scores(
@@ -423,6 +430,38 @@ def caption_scores(
         except Exception as error:  # noqa: BLE001 - an optional metric must not sink the others
             skipped[name] = f"{name} failed: {error!r}"
     return CaptionScores(per_sample, corpus, skipped)
+
+
+CAPTION_MEAN_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def caption_mean_scores(predictions: list[str], references: list[list[str]]) -> TaskScores:
+    """UCIT's caption score: the mean of BLEU-1..4, METEOR, ROUGE-L and CIDEr as pycocoevalcap's COCOEvalCap
+    computes them over the whole set (PTB tokenizer, SPICE left out), HiDe-LLaVA's eval_caption.py.
+
+    Prediction i is scored against references i, so both lists must keep the test file's order. BLEU and METEOR
+    are corpus statistics with no exact per-sample split: each sample's value is the mean of its own seven
+    per-sample scores, shifted by one constant so that their mean is the corpus score. The set's mean (what the
+    matrix records) is then exactly UCIT's number; the shift only touches the spread the bootstrap interval reads.
+    ``corpus`` holds the seven metrics and their mean (``caption_mean``).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    _check_caption_inputs(predictions, references)
+    gts, res = _ptb_tokenize(predictions, references)
+    with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its length ratio
+        bleu, bleu_per_sample = Bleu(4).compute_score(gts, res)
+    meteor, meteor_per_sample = _meteor_scores(gts, res)
+    rouge, rouge_per_sample = Rouge().compute_score(gts, res)
+    cider_per_sample = _cider(gts, res)
+    per_metric = [*bleu_per_sample, meteor_per_sample, list(rouge_per_sample), cider_per_sample]
+    corpus_values = [*bleu, meteor, rouge, float(np.mean(cider_per_sample))]
+    corpus = {name: float(value) for name, value in zip(CAPTION_MEAN_METRICS, corpus_values)}
+    corpus["caption_mean"] = float(np.mean(corpus_values))
+    own = np.mean(np.asarray(per_metric, dtype=float), axis=0)
+    per_sample = own + (corpus["caption_mean"] - own.mean())
+    return TaskScores([float(value) for value in per_sample], corpus, {"SPICE": "left out of UCIT's caption score"})
 
 
 def cider_single_reference_scores(predictions: list[str], references: list[list[str]]) -> list[float]:
@@ -532,8 +571,16 @@ SAMPLE_SCORERS: dict[str, Callable[[str, dict], float]] = {
     "upper_exact_match": upper_exact_match_score,
     "grounding_iou": grounding_score,
     "grounding_iou_strict": partial(grounding_score, strict=True),
+    "mllm_word_or_substring": mllm_cl.word_or_substring_score,
+    "mllm_contains": mllm_cl.contains_answer_score,
+    "mllm_science": mllm_cl.science_score,
+    "mllm_finance": mllm_cl.finance_score,
+    "mllm_ocr": mllm_cl.ocr_score,
+    "mllm_math_rules": mllm_cl.math_rule_score,
+    "mllm_spatial": mllm_cl.spatial_score,
+    "not_computed": mllm_cl.not_computed_score,
 }
-CORPUS_SCORERS = ("cider", "cider_single_ref")
+CORPUS_SCORERS = ("cider", "cider_single_ref", "caption_mean")
 
 def _letter(output: str, sample: dict) -> str | None:
     return extract_option_letter(output, sample["options"])
@@ -578,6 +625,15 @@ ANSWER_EXTRACTORS: dict[str, Callable[[str, dict], Any]] = {
     "grounding_iou_strict": _box,
     "cider": _stripped,
     "cider_single_ref": _stripped,
+    "caption_mean": _stripped,
+    "mllm_word_or_substring": _lower,
+    "mllm_contains": _lower,
+    "mllm_science": _lower,
+    "mllm_finance": _lower,
+    "mllm_ocr": _stripped,
+    "mllm_math_rules": _stripped,
+    "mllm_spatial": _lower,
+    "not_computed": _stripped,
 }
 
 
@@ -613,6 +669,8 @@ def score_task(scorer: str, outputs: list[str], samples: list[dict]) -> TaskScor
     if scorer == "cider":
         captions = caption_scores(outputs, references)
         return TaskScores(captions.per_sample_cider, captions.corpus, captions.skipped)
+    if scorer == "caption_mean":
+        return caption_mean_scores(outputs, references)
     per_sample = cider_single_reference_scores(outputs, references)
     return TaskScores(per_sample, {"CIDEr": sum(per_sample) / len(per_sample)})
 
@@ -627,4 +685,4 @@ def sample_problem(scorer: str, sample: dict) -> str | None:
         return f"answers: {scorer} needs at least 2 annotator answers, got {len(sample['answers'])}"
     if scorer in ("grounding_iou", "grounding_iou_strict") and len(sample["box"]) != 4:
         return f"box: {scorer} needs a box [x1, y1, x2, y2], got {list(sample['box'])}"
-    return None
+    return mllm_cl.problem(scorer, sample)

@@ -12,7 +12,7 @@ buttons. A page holds no date and no absolute path: the same results give the sa
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
@@ -23,6 +23,7 @@ import pandas as pd
 from cvit_bench.io import atomic_write_text
 from cvit_bench.metrics import FIELD_NAMES
 from cvit_bench.paths import inside
+from cvit_bench.reporting.claims import Claim, claims_table, load_claims
 from cvit_bench.reporting.heatmaps import heatmap_svg
 from cvit_bench.reporting.leaderboard import (
     build_leaderboard,
@@ -98,11 +99,13 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 """
 
 
-def write_pages(results: list[dict], out_dir: Path, agreement: Mapping[str, pd.DataFrame]) -> dict[str, Path]:
+def write_pages(results: list[dict], out_dir: Path, agreement: Mapping[str, pd.DataFrame],
+                claims_folder: Path | None = None) -> dict[str, Path]:
     """Write ``out_dir/<name>.html`` for every leaderboard of ``results`` and ``out_dir/index.html``; {name: path}.
 
     ``agreement`` holds each suite's rank-agreement table (as `rebuild_rank_agreement` wrote it); it and the
-    suite's single-task reference runs appear on the page of the suite's listed task order.
+    suite's single-task reference runs appear on the page of the suite's listed task order. Every page shows the
+    claims listed for its suite (``load_claims``: the shipped claims files, or those in ``claims_folder``).
     """
     groups = leaderboard_groups(results)
     if INDEX in groups:
@@ -113,7 +116,7 @@ def write_pages(results: list[dict], out_dir: Path, agreement: Mapping[str, pd.D
         suite = runs[0]["run_info"]["suite"]
         listed_order = name == suite
         page = leaderboard_page(name, runs, Path(out_dir), references.get(suite, []) if listed_order else [],
-                                agreement.get(suite) if listed_order else None)
+                                agreement.get(suite) if listed_order else None, load_claims(suite, claims_folder))
         written[name] = inside(out_dir, f"{name}.html")
         atomic_write_text(written[name], page)
     written[INDEX] = inside(out_dir, f"{INDEX}.html")
@@ -122,8 +125,9 @@ def write_pages(results: list[dict], out_dir: Path, agreement: Mapping[str, pd.D
 
 
 def leaderboard_page(name: str, runs: list[dict], out_dir: Path, reference_runs: list[dict],
-                     agreement: pd.DataFrame | None) -> str:
-    """One leaderboard's page: the leaderboard, its rank agreement, per-task and reference tables, heatmaps."""
+                     agreement: pd.DataFrame | None, claims: Sequence[Claim] = ()) -> str:
+    """One leaderboard's page: the leaderboard, the claims it tests, its rank agreement, per-task and reference
+    tables, heatmaps."""
     board = build_leaderboard(runs)
     by_method = runs_by_method(runs)
     info = runs[0]["run_info"]
@@ -132,6 +136,11 @@ def leaderboard_page(name: str, runs: list[dict], out_dir: Path, reference_runs:
              f"<code>cvit-bench report</code> from the runs' results.json files, as is "
              f"<a href=\"{quote(name)}.csv\">{escape(name)}.csv</a>.")
     sections = [f"<p>{intro}</p>", _leaderboard_section(board, by_method, out_dir)]
+    if claims:
+        sections.append(_frame_section("Claims", claims_table(list(claims), board),
+                                       "Published claims decided from the rows above: a comparison holds when the difference "
+                                       "is at least what the seeds can detect (80 % power, two-sided 5 %, pooled seed std), "
+                                       "does not hold when it goes the other way by as much, and is not shown in between."))
     if agreement is not None and len(agreement):
         sections.append(_frame_section("Rank agreement", agreement.drop(columns=["suite"]),
                                        "Kendall τ-b of the methods' AP between two seeds or two task orders; "

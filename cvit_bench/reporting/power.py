@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from itertools import combinations
 
+import pandas as pd
+
 
 def _incomplete_beta_fraction(a: float, b: float, x: float) -> float:
     """Continued fraction of the regularized incomplete beta (modified Lentz), converging for x < (a+1)/(a+b+2)."""
@@ -70,6 +72,15 @@ def pooled_std(stds: Sequence[float]) -> float:
     """Pooled standard deviation of groups of equal size (root mean of the variances)."""
     values = [s for s in stds if not math.isnan(s)]
     return math.sqrt(sum(s * s for s in values) / len(values)) if values else math.nan
+
+
+def detectable_difference(board: pd.DataFrame, metric: str = "AP") -> tuple[float, int] | None:
+    """The smallest ``metric`` difference a leaderboard's seeds detect (the pooled seed std of its rows, the fewest
+    seeds any row has) and that seed count; None with fewer than two seeds, where there is no spread to test against."""
+    n_seeds = int(board["n_seeds"].min()) if len(board) else 0
+    if n_seeds < 2:
+        return None
+    return minimum_detectable_difference(pooled_std(board[f"{metric}_std"].tolist()), n_seeds), n_seeds
 
 
 def separated_pairs(means: Mapping[str, float], difference: float) -> list[tuple[str, str]]:
