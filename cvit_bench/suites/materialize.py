@@ -79,7 +79,8 @@ def check_records(suite: Suite, data: SuiteData) -> list[str]:
         if split == "train" and len(records) < max(task.shots):
             problems.append(f"{path}: {max(task.shots)}-shot evaluation of {task.name!r} needs at least {max(task.shots)} records, found {len(records)}")
         for record in records:
-            fields = {"answer": record.answer, "answers": list(record.answers), "options": list(record.options), "box": list(record.box)}
+            fields = {"answer": record.answer, "answers": list(record.answers), "options": list(record.options), "box": list(record.box),
+                      "meta": dict(record.meta)}
             problem = sample_problem(task.scorer, fields) if split != "train" else None  # only evaluated records are scored
             if problem:
                 problems.append(f"{path}: record {record.id}: {problem}")
