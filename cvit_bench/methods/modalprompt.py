@@ -212,9 +212,10 @@ class ModalPrompt(Method):
         prompts = self.pool.gathered(chosen)
 
         def write_prompts(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-            if output.shape[:2] != inserted.shape:  # a cached decoding step, or an unrelated lookup
-                return output
-            return output.masked_scatter(inserted.unsqueeze(-1), prompts.to(output.dtype))
+            if output.dim() != 3 or output.shape[0] != inserted.shape[0] or output.shape[1] < inserted.shape[1]:
+                return output  # a cached decoding step (one token), or an unrelated lookup
+            at = nn.functional.pad(inserted, (0, output.shape[1] - inserted.shape[1]))  # uncached steps append tokens
+            return output.masked_scatter(at.unsqueeze(-1), prompts.to(output.dtype))
 
         def lengthen(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if kwargs.get("input_ids") is batch["input_ids"]:  # this batch's own forward, not a step inside generate
