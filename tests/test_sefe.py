@@ -198,3 +198,5 @@ def test_asd_runs_through_the_train_data_hook_and_is_recorded(smoke):
     assert sum(s.id.endswith("-asd") for s in stage_samples) == round(0.2 * len(samples["ocr"]))
     assert method.train_data(1, samples["ocr"]) == stage_samples, "the same rewrite on a resumed run"
     assert sum(method.asd_built.values()) == round(0.2 * len(samples["ocr"]))
+    assert "rule-buildable" in method.config.deviations()[0]
+    assert build_method("sefe", {"asd_share": 0.0}).config.deviations() == ["asd_share=0: no answer style diversification (MCITlib's SEFE, RegLoRA only)"]

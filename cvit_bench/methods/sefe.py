@@ -48,7 +48,7 @@ from cvit_bench.ranges import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Ra
 from cvit_bench.registry import ConfigError
 
 ASD_STYLES = ("yes_no", "multiple_choice")
-ASD_NOT_BUILT = ("short_answer", "brief_explanation", "detailed_explanation")  # need a generator model (or, short answer, were left out)
+ASD_NOT_BUILT = ("short_answer", "brief_explanation", "detailed_explanation")  # explanations need a generator; short answer left out
 YES_NO_INSTRUCTION = "{question}\nAnswer the question with yes or no."
 CHOICE_INSTRUCTION = "{question}\nAnswer with the option's letter from the given choices directly."  # LLaVA-1.5's
 LETTERS = "ABCD"
@@ -67,8 +67,11 @@ class SefeConfig(TuningConfig):
     train_projector: bool = option(True, "train the projector, shared across tasks, as LLaVA LoRA tuning does")
 
     def deviations(self) -> list[str]:
-        """Where this configuration departs from the authors' method (recorded with every stage); ASD's styles always do."""
-        found = [f"ASD builds only the rule-buildable styles {list(ASD_STYLES)}, not {list(ASD_NOT_BUILT)}"]
+        """Where this configuration departs from the authors' method (recorded with every stage); ASD always does, by its styles or its absence."""
+        if self.asd_share == 0:
+            found = ["asd_share=0: no answer style diversification (MCITlib's SEFE, RegLoRA only)"]
+        else:
+            found = [f"ASD builds only the rule-buildable styles {list(ASD_STYLES)}, not {list(ASD_NOT_BUILT)}"]
         if self.unique_positions:
             found.append("unique_positions: positions kept by several tasks count once in the penalty (authors' code: once per task)")
         return found
