@@ -75,3 +75,25 @@ def phrased(suite, data, split: str, phrasings: Callable) -> dict:
     from cvit_bench.data.samples import phrase_all
 
     return {task.name: phrase_all(data.records(task.name, split), task.name, phrasings(task)) for task in suite.tasks}
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_setup):
+    """The smoke setup with every task's training records in the single phrasing: (suite, base checkpoint, samples by task)."""
+    suite, model_dir, data = smoke_setup
+    return suite, model_dir, phrased(suite, data, "train", lambda task: task.template.training_phrasings("single"))
+
+
+def fresh_method(smoke, method_name: str, **options):
+    """The smoke base, freshly loaded under seed 0 and wrapped by ``method_name``: (model, method, collator)."""
+    import torch
+
+    from cvit_bench.data.collate import Collator
+    from cvit_bench.models.backend import load_model
+    from cvit_bench.runner import build_method
+
+    suite, model_dir, _ = smoke
+    torch.manual_seed(0)
+    model, processor = load_model(model_dir)
+    method = build_method(method_name, options)
+    return method.wrap_model(model, suite.task_names), method, Collator(processor)

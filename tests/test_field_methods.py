@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from cvit_bench.data.collate import Collator
 from cvit_bench.methods.clmoe import CountingTokenRouter, merge_experts, merge_weights
 from cvit_bench.methods.hide import ExpertSchedule, HideGates, HideLoraLinear, anchor_weights
 from cvit_bench.methods.mixture import Routing
@@ -16,21 +15,7 @@ from cvit_bench.registry import ConfigError
 from cvit_bench.runner import build_method
 from cvit_bench.training.loop import train_stage
 
-from conftest import phrased
-
-
-@pytest.fixture(scope="module")
-def smoke(smoke_setup):
-    suite, model_dir, data = smoke_setup
-    return suite, model_dir, phrased(suite, data, "train", lambda task: task.template.training_phrasings("single"))
-
-
-def fresh(smoke, method_name: str, **options):
-    suite, model_dir, _ = smoke
-    torch.manual_seed(0)
-    model, processor = load_model(model_dir)
-    method = build_method(method_name, options)
-    return method.wrap_model(model, suite.task_names), method, Collator(processor)
+from conftest import fresh_method as fresh
 
 
 def train(smoke, model, method, collator, task: str, stage: int, steps: int = 3):

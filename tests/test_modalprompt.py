@@ -9,29 +9,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cvit_bench.checkpoint import load_model_tensors, model_tensors
-from cvit_bench.data.collate import Collator
 from cvit_bench.methods.modalprompt import (
     alignment_loss, ascending_top, selection_scores, splice_after_bos, training_choice,
 )
-from cvit_bench.models.backend import load_model
-from cvit_bench.runner import build_method, trainable_names
+from cvit_bench.runner import trainable_names
 from cvit_bench.training.loop import train_stage
 
-from conftest import phrased
-
-
-@pytest.fixture(scope="module")
-def smoke(smoke_setup):
-    suite, model_dir, data = smoke_setup
-    return suite, model_dir, phrased(suite, data, "train", lambda task: task.template.training_phrasings("single"))
+from conftest import fresh_method
 
 
 def fresh(smoke, **options):
-    suite, model_dir, _ = smoke
-    torch.manual_seed(0)
-    model, processor = load_model(model_dir)
-    method = build_method("modalprompt", options)
-    return method.wrap_model(model, suite.task_names), method, Collator(processor)
+    return fresh_method(smoke, "modalprompt", **options)
 
 
 def train(smoke, model, method, collator, task: str, stage: int, steps: int = 2):

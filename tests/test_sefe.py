@@ -9,28 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cvit_bench.data.collate import Collator
 from cvit_bench.evaluation.contracts import check_contract
 from cvit_bench.methods.sefe import answer_text, diversify, kept_abs_mean, top_positions
-from cvit_bench.models.backend import load_model, projector_parameters
+from cvit_bench.models.backend import projector_parameters
 from cvit_bench.runner import build_method
 from cvit_bench.training.loop import train_stage
 
-from conftest import phrased
-
-
-@pytest.fixture(scope="module")
-def smoke(smoke_setup):
-    suite, model_dir, data = smoke_setup
-    return suite, model_dir, phrased(suite, data, "train", lambda task: task.template.training_phrasings("single"))
+from conftest import fresh_method
 
 
 def fresh(smoke, **options):
-    suite, model_dir, _ = smoke
-    torch.manual_seed(0)
-    model, processor = load_model(model_dir)
-    method = build_method("sefe", {"asd_share": 0.0, **options})
-    return method.wrap_model(model, suite.task_names), method, Collator(processor)
+    return fresh_method(smoke, "sefe", **{"asd_share": 0.0, **options})
 
 
 def train(smoke, model, method, collator, task: str, stage: int, steps: int = 2):
