@@ -339,9 +339,16 @@ class Progress:
         return cls(matrices=matrices, predictions=predictions, trained=set(state["trained"]), **{k: state[k] for k in fields})
 
 
+# Methods whose suite defaults were added after cvit-v2's rows were published: only their own runs record them, so
+# adding a method to a suite leaves every published run's config hash as it was.
+METHOD_DEFAULTS_ADDED_LATER = frozenset({"clmoe", "hide", "sefe", "modalprompt"})
+
+
 def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_hash: str, steps_per_task: int | None) -> dict[str, Any]:
     """Everything that determines a run's numbers except the seed: two runs with equal configs are seeds of one setup."""
     suite = _setup_only(json.loads(json.dumps(dataclasses.asdict(options.suite), default=str)))
+    suite["method_defaults"] = {name: defaults for name, defaults in suite["method_defaults"].items()
+                                if name == options.method or name not in METHOD_DEFAULTS_ADDED_LATER}
     if not suite["method_defaults"]:  # suites from before method defaults keep their config hash
         del suite["method_defaults"]
     suite["training"] = _without_later_defaults(suite["training"], TrainingConfig.ADDED_LATER)

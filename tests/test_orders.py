@@ -363,3 +363,12 @@ def test_report_writes_order_leaderboards_apart_and_the_rank_agreement(tmp_path)
     assert lines[0] == ",".join(COLUMNS) and lines[1] == f"{SMOKE},AP,seeds,seed0,seed1,4,0.667"
     assert f"{SMOKE},AP,orders,default,{REVERSED_NAME},4,-0.667" in lines
     assert f"Rank agreement: {SMOKE}" in report.output and "0.667" in report.output
+
+
+def test_methods_added_to_a_suite_later_record_their_defaults_only_in_their_own_runs():
+    """cvit-v2's published rows keep their hash when clmoe, hide and sefe get suite defaults; those methods' runs record them."""
+    suite = load_suite("cvit-v2")
+    assert runner_module.METHOD_DEFAULTS_ADDED_LATER & set(suite.method_defaults) == {"clmoe", "hide", "sefe"}
+    recorded = _config(RunOptions(suite, "seqlora", 0, Path("r")))["suite"]["method_defaults"]
+    assert not runner_module.METHOD_DEFAULTS_ADDED_LATER & set(recorded) and "branchlora" in recorded
+    assert _config(RunOptions(suite, "sefe", 0, Path("r")))["suite"]["method_defaults"]["sefe"] == suite.method_defaults["sefe"]
