@@ -228,11 +228,31 @@ def test_instruction_text_keys_read_the_phrasing_without_its_question_and_select
     assert [hit for _, _, hit in method.evaluation_records()] == [1] * len(probe)
 
 
+def test_without_an_image_key_the_text_key_alone_selects_and_no_image_feature_is_read(smoke):
+    """image_feature=none: no image keys, no hook on the projector, keys fitted on text alone pick each training phrasing's task."""
+    _, _, samples, _ = smoke
+    model, method, collator = fresh(smoke, image_feature="none")
+    for stage, task in enumerate(("mcq", "ocr", "caption"), start=1):
+        facts = train(smoke, model, method, collator, task, stage, steps=1)
+    assert len(method.selector.image_keys) == 0 and len(method.selector.text_keys) == len(smoke[0].task_names)
+    assert set(facts["key_cosine"]) == {"text"} and method.image_features is None
+    assert facts["deviations"] == ["image_feature=none: the paper's selector sums an image and a text key; this one matches the other key alone"]
+    probe = samples["mcq"][:4] + samples["ocr"][:4] + samples["caption"][:4]
+    with torch.no_grad():
+        batch = collator.train_batch(probe)
+        with method.batch_context(probe, batch):
+            model(**batch)
+    assert method.image_features is None
+    assert [hit for _, _, hit in method.evaluation_records()] == [1] * len(probe)
+    with pytest.raises(ConfigError, match="both 'none'"):
+        build_method("branchlora", {"image_feature": "none", "text_feature": "none"})
+
+
 # --- options ----------------------------------------------------------------------------------
 def test_text_options_refuse_values_outside_their_choices_and_name_them():
     with pytest.raises(ConfigError, match=r"option route_on: expected one of first, token, mean, got 'last'"):
         build_method("branchlora", {"route_on": "last"})
-    with pytest.raises(ConfigError, match=r"option image_feature: expected one of vision, projected"):
+    with pytest.raises(ConfigError, match=r"option image_feature: expected one of vision, projected, none"):
         build_method("branchlora", {"image_feature": "clip"})
     assert build_method("branchlora", {"selector": "oracle", "text_feature": "none"}).config.selector == "oracle"
     with pytest.raises(ConfigError, match=r"option text_feature: expected one of embedding, instruction, none"):

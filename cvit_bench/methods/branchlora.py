@@ -15,7 +15,10 @@ paper leaves open what the features are. Keys matched against the trained projec
 output go stale as later stages train it (the selector then collapses onto the newest
 task), so the default image feature is the frozen vision tower's mean patch feature
 (``image_feature="vision"``, the projector's input) and the text feature the mean of the
-frozen input embeddings of the prompt's text tokens; no stage trains either. The paper
+frozen input embeddings of the prompt's text tokens; no stage trains either. Where a
+suite's tasks share one image distribution (cvit-v2: one scene generator) the image key
+cannot tell them apart and ``image_feature="none"`` lets the text key select alone,
+recorded in each stage's ``deviations``. The paper
 fits keys with L_align = Σ(1 − cos(e, k)); its minimiser over a task's data is the mean
 of the normalised features, so ``key_fit="mean"`` sets each key to exactly that after its
 stage (fitted to convergence in closed form); ``key_fit="loss"`` trains keys by λ·L_align
@@ -66,8 +69,9 @@ class BranchLoraConfig(TuningConfig):
                            "or the masked sequence 'mean'", Choices(("first", "token", "mean")))
     selector: str = option("keys", "test-time router choice: the learned 'keys' (paper) or the true task ('oracle'; unseen "
                            "tasks still use the keys)", Choices(("keys", "oracle")))
-    image_feature: str = option("vision", "selector image feature: the frozen vision tower's mean patch feature ('vision') or "
-                                "the mean of the trained projector's output ('projected')", Choices(("vision", "projected")))
+    image_feature: str = option("vision", "selector image feature: the frozen vision tower's mean patch feature ('vision'), "
+                                "the mean of the trained projector's output ('projected'), or 'none' (text key only: for "
+                                "suites whose tasks share one image distribution)", Choices(("vision", "projected", "none")))
     text_feature: str = option("embedding", "selector text feature: mean frozen input embedding of the prompt's text tokens "
                                "('embedding'), of the instruction alone, the phrasing without its question ('instruction'), "
                                "or 'none' (image key only)", Choices(("embedding", "instruction", "none")))
@@ -78,6 +82,17 @@ class BranchLoraConfig(TuningConfig):
     selector_weight: float = option(1.0, "lambda of the key-alignment loss under key_fit='loss' (paper: 1)", NON_NEGATIVE)
     probe_samples: int = option(256, "training samples per task read after its stage (branch usage for tuning-freezing, the "
                                 "keys' fit) and kept to measure cos(key, task mean) at later stages", AT_LEAST_ONE)
+
+    def __post_init__(self) -> None:
+        if self.task_routers and self.image_feature == "none" and self.text_feature == "none":
+            raise ValueError("image_feature and text_feature are both 'none': the task selector would have no key to match")
+
+    def deviations(self) -> list[str]:
+        """Where the task selector departs from the paper's image key plus text key (recorded with every stage)."""
+        if self.task_routers and "none" in (self.image_feature, self.text_feature):
+            dropped = "image" if self.image_feature == "none" else "text"
+            return [f"{dropped}_feature=none: the paper's selector sums an image and a text key; this one matches the other key alone"]
+        return []
 
 
 class TaskRouterBank(nn.Module):
@@ -125,39 +140,38 @@ def mean_direction(features: torch.Tensor) -> torch.Tensor:
 class TaskSelector(nn.Module):
     """Image and text keys per task (one tensor per task, trained only in its stage); picks the best-matching task.
 
-    ``text_dim`` 0 leaves text out: the image key alone selects.
+    A dimension of 0 leaves that feature out: the other key alone selects.
     """
 
     def __init__(self, n_tasks: int, image_dim: int, text_dim: int) -> None:
         super().__init__()
-        self.image_keys = nn.ParameterList(nn.Parameter(torch.randn(image_dim) * image_dim**-0.5) for _ in range(n_tasks))
+        self.image_keys = nn.ParameterList(nn.Parameter(torch.randn(image_dim) * image_dim**-0.5) for _ in range(n_tasks if image_dim else 0))
         self.text_keys = nn.ParameterList(nn.Parameter(torch.randn(text_dim) * text_dim**-0.5) for _ in range(n_tasks if text_dim else 0))
 
-    def _pairs(self, image: torch.Tensor, text: torch.Tensor | None) -> list[tuple[torch.Tensor, nn.ParameterList]]:
-        return [(image, self.image_keys)] + ([(text, self.text_keys)] if len(self.text_keys) else [])
+    def _pairs(self, image: torch.Tensor | None, text: torch.Tensor | None) -> list[tuple[str, torch.Tensor, nn.ParameterList]]:
+        return [(kind, feature, keys) for kind, feature, keys in (("image", image, self.image_keys), ("text", text, self.text_keys)) if len(keys)]
 
     def alignment_loss(self, task: int, image: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
         cos = nn.functional.cosine_similarity
-        return sum((1 - cos(feature.to(keys[task].dtype), keys[task][None], dim=-1)).mean() for feature, keys in self._pairs(image, text))
+        return sum((1 - cos(feature.to(keys[task].dtype), keys[task][None], dim=-1)).mean() for _, feature, keys in self._pairs(image, text))
 
     def select(self, image: torch.Tensor, text: torch.Tensor | None, n_trained: int) -> torch.Tensor:
         cos = nn.functional.cosine_similarity
         score = sum(cos(feature[:, None].to(keys[0].dtype), torch.stack(list(keys)[:n_trained])[None], dim=-1)
-                    for feature, keys in self._pairs(image, text))
+                    for _, feature, keys in self._pairs(image, text))
         return score.argmax(-1)
 
     @torch.no_grad()
     def fit(self, task: int, image: torch.Tensor, text: torch.Tensor | None) -> None:
         """Set the task's keys to the minimiser of its alignment loss over these features."""
-        for feature, keys in self._pairs(image, text):
+        for _, feature, keys in self._pairs(image, text):
             keys[task].copy_(mean_direction(feature))
 
     @torch.no_grad()
     def key_cosines(self, task: int, image: torch.Tensor, text: torch.Tensor | None) -> dict[str, float]:
         """cos(key, mean normalised feature) per feature kind: 1 for a key fitted to these features."""
-        kinds = ("image", "text")
         return {kind: float(nn.functional.cosine_similarity(keys[task].float(), mean_direction(feature), dim=0))
-                for kind, (feature, keys) in zip(kinds, self._pairs(image, text))}
+                for kind, feature, keys in self._pairs(image, text)}
 
     def stacked(self) -> dict[str, torch.Tensor]:
         return {name: torch.stack([key.detach() for key in keys]) for name, keys in (("image_keys", self.image_keys), ("text_keys", self.text_keys))
@@ -224,10 +238,11 @@ class BranchLora(Method):
         set_trainable(model, self.layers, train_projector=True)
         if c.task_routers:
             projector = [model.get_submodule(name) for name in modules.matching(model, modules.projector)]
+            image_dim = 0
             if c.image_feature == "vision":  # the projector's input: the frozen tower's (selected) patch features
                 projector[0].register_forward_pre_hook(lambda module, inputs: self._capture_image_features(inputs[0]))
                 image_dim = projector[0].in_features
-            else:
+            elif c.image_feature == "projected":
                 projector[-1].register_forward_hook(lambda module, inputs, output: self._capture_image_features(output))
                 image_dim = projector[-1].out_features
             text_dim = 0 if c.text_feature == "none" else model.get_input_embeddings().embedding_dim
@@ -283,9 +298,9 @@ class BranchLora(Method):
                                                     else embeddings.weight.new_zeros(embeddings.embedding_dim))
         return self._instruction_features[text]
 
-    def _per_sample_image_features(self, samples: list[Sample]) -> torch.Tensor:
-        """Few-shot samples carry several images: average their features per sample."""
-        if len(self.image_features) == len(samples):
+    def _per_sample_image_features(self, samples: list[Sample]) -> torch.Tensor | None:
+        """Few-shot samples carry several images: average their features per sample (None without an image key)."""
+        if self.image_features is None or len(self.image_features) == len(samples):
             return self.image_features
         return torch.stack([chunk.mean(0) for chunk in self.image_features.split([len(s.turns) for s in samples])])
 
@@ -360,6 +375,8 @@ class BranchLora(Method):
             if self.config.key_fit == "mean":
                 self.selector.fit(task, image, text)
             facts["key_cosine"] = self._key_cosines(model, collator, task, image, text)
+            if self.config.deviations():
+                facts["deviations"] = self.config.deviations()
         return facts
 
     def _freeze_most_used(self, usage: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -393,7 +410,7 @@ class BranchLora(Method):
         self.route_task = was
         if not images:
             return None, None
-        return torch.cat(images), None if texts[0] is None else torch.cat(texts)
+        return None if images[0] is None else torch.cat(images), None if texts[0] is None else torch.cat(texts)
 
     # --- resume ------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
