@@ -97,3 +97,23 @@ def fresh_method(smoke, method_name: str, **options):
     model, processor = load_model(model_dir)
     method = build_method(method_name, options)
     return method.wrap_model(model, suite.task_names), method, Collator(processor)
+
+
+def tiny_run_on_converted(suite, data_root: Path, tmp_path: Path) -> dict:
+    """One seqlora step per task of a real-format suite on converted files, with a tiny model whose tokenizer is trained on
+    those files and the suite's phrasings; the run's results.json."""
+    import dataclasses
+
+    from cvit_bench.io import read_json
+    from cvit_bench.models.tiny import TinyLlavaConfig, build_model, build_processor, save_tiny, train_tokenizer
+    from cvit_bench.runner import RunOptions, run
+
+    texts = [p.read_text() for p in data_root.rglob("*.json")] + [p.prompt for t in suite.tasks + suite.unseen for p in t.template.train]
+    config = TinyLlavaConfig(image_size=16, patch_size=8, vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32,
+                             text_layers=1, text_heads=2, text_intermediate=64, vocab_size=300, max_positions=1024)
+    tokenizer = train_tokenizer(texts, config.vocab_size)
+    save_tiny(build_model(tokenizer, config), build_processor(tokenizer, config), tmp_path / "model")
+    suite = dataclasses.replace(suite, training=dataclasses.replace(suite.training, batch_size=2))
+    run_dir = run(RunOptions(suite, "seqlora", 0, tmp_path / "results", model=str(tmp_path / "model"), data_root=data_root,
+                             steps_per_task=1, threads=1))
+    return read_json(run_dir / "results.json")

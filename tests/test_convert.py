@@ -1,7 +1,6 @@
 """`cvit-bench convert` on files shaped like CoIN's release (tests/fixtures/coin-release), then validate and a run on them."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +13,8 @@ from cvit_bench.cli import app
 from cvit_bench.data.convert import convert_suite, split_instruction
 from cvit_bench.data.llava_format import DataError, read_llava_json
 from cvit_bench.suites.schema import load_suite
+
+from conftest import tiny_run_on_converted
 
 RELEASE = Path(__file__).parent / "fixtures" / "coin-release"
 
@@ -97,10 +98,6 @@ def test_a_question_file_without_answers_is_refused_naming_file_and_field(releas
 
 
 def test_convert_then_validate_then_a_tiny_model_run(release, tmp_path, monkeypatch):
-    from cvit_bench.io import read_json
-    from cvit_bench.models.tiny import TinyLlavaConfig, build_model, build_processor, save_tiny, train_tokenizer
-    from cvit_bench.runner import RunOptions, run
-
     dst = tmp_path / "data"
     runner = CliRunner()
     converted = runner.invoke(app, ["convert", "coin", str(release), str(dst)])
@@ -110,15 +107,7 @@ def test_convert_then_validate_then_a_tiny_model_run(release, tmp_path, monkeypa
     assert checked.exit_code == 0 and "all data found" in checked.output, checked.output
 
     suite = load_suite("coin")
-    texts = [p.read_text() for p in dst.rglob("*.json")] + [p.prompt for t in suite.tasks for p in t.template.train]
-    config = TinyLlavaConfig(image_size=16, patch_size=8, vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32,
-                             text_layers=1, text_heads=2, text_intermediate=64, vocab_size=300, max_positions=1024)
-    tokenizer = train_tokenizer(texts, config.vocab_size)
-    save_tiny(build_model(tokenizer, config), build_processor(tokenizer, config), tmp_path / "model")
-    suite = dataclasses.replace(suite, training=dataclasses.replace(suite.training, batch_size=2))
-    run_dir = run(RunOptions(suite, "seqlora", 0, tmp_path / "results", model=str(tmp_path / "model"), data_root=dst,
-                             steps_per_task=1, threads=1))
-    result = read_json(run_dir / "results.json")
+    result = tiny_run_on_converted(suite, dst, tmp_path)
     assert len(result["matrices"]["seen"]["vu"]) == len(suite.tasks) + 1
 
 

@@ -11,7 +11,6 @@ Shapes, as the authors' code reads them (the data files themselves are on the Hu
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from cvit_bench.cli import app
 from cvit_bench.data.llava_format import read_llava_json
 from cvit_bench.suites.availability import required_files
 from cvit_bench.suites.schema import load_suite
+
+from conftest import tiny_run_on_converted
 
 # The released file name of each (suite, task folder, split) where it is not train.json / test.json.
 RELEASED = {
@@ -78,10 +79,6 @@ def write_release(suite_name: str, root: Path) -> int:
 
 @pytest.mark.parametrize("suite_name", ["smolora-cvit", "ucit"])
 def test_convert_then_validate_then_a_tiny_model_run(suite_name, tmp_path):
-    from cvit_bench.io import read_json
-    from cvit_bench.models.tiny import TinyLlavaConfig, build_model, build_processor, save_tiny, train_tokenizer
-    from cvit_bench.runner import RunOptions, run
-
     release, dst = tmp_path / "release", tmp_path / "data"
     records = write_release(suite_name, release)
     runner = CliRunner()
@@ -99,13 +96,5 @@ def test_convert_then_validate_then_a_tiny_model_run(suite_name, tmp_path):
             assert record.question == question  # the instruction was cut out
             if task.template.train[0].contract == "letter":
                 assert record.options == ("sky", "apple", "grass")
-    texts = [p.read_text() for p in dst.rglob("*.json")] + [p.prompt for t in suite.tasks + suite.unseen for p in t.template.train]
-    config = TinyLlavaConfig(image_size=16, patch_size=8, vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32,
-                             text_layers=1, text_heads=2, text_intermediate=64, vocab_size=300, max_positions=1024)
-    tokenizer = train_tokenizer(texts, config.vocab_size)
-    save_tiny(build_model(tokenizer, config), build_processor(tokenizer, config), tmp_path / "model")
-    suite = dataclasses.replace(suite, training=dataclasses.replace(suite.training, batch_size=2))
-    run_dir = run(RunOptions(suite, "seqlora", 0, tmp_path / "results", model=str(tmp_path / "model"), data_root=dst,
-                             steps_per_task=1, threads=1))
-    result = read_json(run_dir / "results.json")
+    result = tiny_run_on_converted(suite, dst, tmp_path)
     assert len(result["matrices"]["seen"]["vu"]) == len(suite.tasks) + 1
