@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
 from safetensors import torch as st
 from torch import nn
+
+from conftest import needs_smolora
 
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
@@ -25,12 +26,6 @@ from cvit_bench.suites.schema import load_suite
 from cvit_bench.training.loop import train_stage
 
 SMOKE = "cvit-v1-smoke"
-
-
-# SMoLoRA needs its extra (`pip install 'cvit-bench[smolora]'`), which the floors venv (.ci/test-floors) leaves out.
-needs_smolora = pytest.mark.skipif(
-    importlib.util.find_spec("sentence_transformers") is None, reason="sentence-transformers (cvit-bench[smolora]) is not installed"
-)
 
 
 @pytest.fixture(scope="module")
