@@ -117,7 +117,7 @@ def load_model(reference: str | Path, dtype: torch.dtype = torch.float32, module
     module_map_for(model)  # an unknown architecture without patterns fails here, before any work
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings + adapters work.
-        # transformers 5.23 renamed gradient_checkpointing_enable (a deprecated alias until v6); the floor is 5.5.
+        # transformers 5.23 renamed gradient_checkpointing_enable (a deprecated alias until v6); the floor is 5.13.
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
