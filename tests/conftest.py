@@ -1,11 +1,17 @@
 """Shared fixtures: a private cache per test session, so tests start from nothing like CI."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+
+# SMoLoRA needs its extra (`pip install 'cvit-bench[smolora]'`), which the floors venv (.ci/test-floors) leaves out.
+needs_smolora = pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None, reason="sentence-transformers (cvit-bench[smolora]) is not installed"
+)
 
 SMOKE = "cvit-v1-smoke"
 

@@ -18,6 +18,7 @@ from cvit_bench.runner import RunOptions, build_method, declare_suite_tasks, run
 from cvit_bench.suites.materialize import materialize
 from cvit_bench.suites.schema import load_suite
 
+from conftest import needs_smolora
 from model_builders import build_tiny_llava, build_tiny_qwen2_vl
 
 FAMILIES = {"llava": build_tiny_llava, "qwen2_vl": build_tiny_qwen2_vl}
@@ -98,7 +99,7 @@ def test_training_batch_labels_only_the_answer(family, checkpoints, suite):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["seqlora", "branchlora", "smolora"])
+@pytest.mark.parametrize("method", ["seqlora", "branchlora", pytest.param("smolora", marks=needs_smolora)])
 def test_batched_generation_matches_one_by_one(family, method, checkpoints, suite):
     """Left padding, the KV cache and length bucketing change nothing: each reply is the one it gets alone.
 
@@ -144,7 +145,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, checkpoints, su
         model.train()
         model(**Collator(processor).train_batch(_samples(suite, "vqa")[:2])).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert model.is_activation_checkpointing
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing  # renamed in transformers 5.23
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import needs_smolora
 from typer.testing import CliRunner
 
 from cvit_bench.cli import app
@@ -106,7 +107,9 @@ def test_different_seed_gives_different_data(seqlora_result, tmp_path):
     assert other["run_info"]["config_hash"] == first["run_info"]["config_hash"], "seeds of one setup share a config"
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS.names()) - {"seqlora"}))
+@pytest.mark.parametrize(
+    "method", [pytest.param(name, marks=needs_smolora) if name == "smolora" else name for name in sorted(set(METHODS.names()) - {"seqlora"})]
+)
 def test_every_method_completes_the_smoke_suite(method, uninterrupted_smoke):
     result, _ = uninterrupted_smoke(method)
     vu = np.asarray(result["matrices"]["seen"]["vu"], dtype=float)

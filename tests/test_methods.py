@@ -9,6 +9,8 @@ import torch
 from safetensors import torch as st
 from torch import nn
 
+from conftest import needs_smolora
+
 from cvit_bench.data.collate import Collator
 from cvit_bench.data.samples import phrase_all
 from cvit_bench.methods.branchlora import TaskSelector
@@ -89,6 +91,7 @@ def test_mixture_layer_equals_a_loop_over_experts(shared_a):
 
 
 # --- SMoLoRA ---------------------------------------------------------------------------
+@needs_smolora
 def test_smolora_routers_get_no_gradient_and_stay_fixed(smoke):
     model, method, collator = fresh(smoke, "smolora")
     routers = {n: (l.router.vu_router.clone(), l.router.if_router.clone()) for n, l in method.layers.items()}
@@ -99,6 +102,7 @@ def test_smolora_routers_get_no_gradient_and_stay_fixed(smoke):
     assert any(layer.router.scores.abs().sum() > 0 for layer in method.layers.values()), "fusion vectors must train"
 
 
+@needs_smolora
 def test_smolora_template_routing_depends_only_on_the_template(smoke):
     model, method, collator = fresh(smoke, "smolora", if_route="template")
     _, _, samples = smoke
@@ -116,6 +120,7 @@ def test_smolora_template_routing_depends_only_on_the_template(smoke):
     assert any(len(set(instruction.tolist())) > 1 for _, instruction in choices.values())
 
 
+@needs_smolora
 def test_smolora_choices_survive_save_and_resume(smoke, tmp_path):
     model, method, collator = fresh(smoke, "smolora")
     _, _, samples = smoke

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
 from cvit_bench.registry import ConfigError
 
@@ -116,7 +117,11 @@ def load_model(reference: str | Path, dtype: torch.dtype = torch.float32, module
     module_map_for(model)  # an unknown architecture without patterns fails here, before any work
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings + adapters work.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.23 renamed gradient_checkpointing_enable (a deprecated alias until v6); the floor is 5.13.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, load_processor(reference, model.config.model_type)
 
 
@@ -130,7 +135,7 @@ def load_processor(reference: str | Path, model_type: str) -> Any:
     from cvit_bench.models.qwen2_vl import ImageOnlyQwen2VLProcessor
 
     tokenizer = AutoTokenizer.from_pretrained(str(reference))
-    image_processor = AutoImageProcessor.from_pretrained(str(reference), backend="pil")
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(reference))  # not AutoImageProcessor: in 5.5 it needs torchvision itself
     return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template or _chat_template(reference))
 
 

@@ -156,9 +156,11 @@ def build_leaderboard(results: list[dict]) -> pd.DataFrame:
 
 
 def write_leaderboard(df: pd.DataFrame, path: Path, float_format: str = "%.2f") -> None:
-    """Byte-deterministic CSV, written atomically under a file lock shared with concurrent rebuilds."""
+    """Byte-deterministic CSV, written atomically under a file lock shared with concurrent rebuilds. The folder is
+    made first: filelock 3.12.0, the floor, does not create the lock file's parent."""
     buffer = io.StringIO()
     df.to_csv(buffer, index=False, float_format=float_format, lineterminator="\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         atomic_write_text(path, buffer.getvalue())
 
