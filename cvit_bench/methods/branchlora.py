@@ -375,8 +375,8 @@ class BranchLora(Method):
             if self.config.key_fit == "mean":
                 self.selector.fit(task, image, text)
             facts["key_cosine"] = self._key_cosines(model, collator, task, image, text)
-            if self.config.deviations():
-                facts["deviations"] = self.config.deviations()
+            if deviations := self.config.deviations():
+                facts["deviations"] = deviations
         return facts
 
     def _freeze_most_used(self, usage: dict[str, torch.Tensor]) -> dict[str, int]:
