@@ -29,6 +29,7 @@ from cvit_bench.data.samples import phrase_all
 from cvit_bench.evaluation.generate import generate
 from cvit_bench.models.backend import load_model
 from cvit_bench.models.base_checkpoint import prepare_base
+from cvit_bench.models.clip_towers import ClipFeatures, prepare_clip
 from cvit_bench.runner import build_method, declare_suite_tasks, seed_everything
 from cvit_bench.suites.materialize import materialize
 from cvit_bench.suites.schema import Suite
@@ -107,12 +108,14 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def bench_method(suite: Suite, name: str, model_dir, train_chunks, eval_samples, *, warmup: int, seed: int) -> dict:
+def bench_method(suite: Suite, name: str, model_dir, base_hash: str, train_chunks, eval_samples, *, warmup: int, seed: int) -> dict:
     """Step time, FLOPs per step, eval throughput and peak memory of one method (absolute figures)."""
     seed_everything(seed)
     model, processor = load_model(model_dir)
     method = build_method(name, {}, suite.method_defaults.get(name))
     declare_suite_tasks(method, suite)
+    if method.needs_clip():
+        method.bind_clip(ClipFeatures(*prepare_clip(suite, model_dir, base_hash, external_model=False)))
     model = method.wrap_model(model, suite.task_names)
     method.bind_tokenizer(processor.tokenizer)
     collator = Collator(processor)
@@ -163,7 +166,7 @@ def run_benchmark(
 ) -> list[BenchRow]:
     """Measure ``methods`` (``seqlora`` is always included as the reference) on identical batches; MFU against ``peak_gflops``."""
     data = materialize(suite, seed)
-    model_dir, _ = prepare_base(suite)
+    model_dir, base_hash = prepare_base(suite)
     first = suite.tasks[0]
     train_samples = phrase_all(data.records(first.name, "train"), first.name, first.template.training_phrasings(suite.instruction_setting))
     batches = shuffled_batches(train_samples, suite.training.batch_size, f"bench-{seed}")
@@ -175,7 +178,7 @@ def run_benchmark(
     for name in names:
         if report:
             report(name)
-        measured[name] = bench_method(suite, name, model_dir, train_chunks, eval_samples, warmup=warmup, seed=seed)
+        measured[name] = bench_method(suite, name, model_dir, base_hash, train_chunks, eval_samples, warmup=warmup, seed=seed)
     reference = measured[REFERENCE_METHOD]["step_ms"]
     rows = []
     for name, m in measured.items():

@@ -346,8 +346,10 @@ def prepare(
     rebuild: bool = typer.Option(False, "--rebuild", help="build the base from scratch even when the suite ships one, and say whether the rebuild is bit-identical to it"),
     ship_it: bool = typer.Option(False, "--ship", help="with --rebuild: copy the rebuilt base into the suite's shipped folder (maintainers; commit it)"),
 ) -> None:
-    """Find the suite's base checkpoint (the shipped one, or the cached build), or build it."""
+    """Find the suite's base checkpoint (the shipped one, or the cached build), or build it; the same for the tiny CLIP
+    the suite names (``model.clip``), which hide and modalprompt read."""
     from cvit_bench.models.base_checkpoint import compare_with_shipped, prepare_base, ship
+    from cvit_bench.models.clip_towers import compare_with_shipped_clip, prepare_clip, ship_clip
 
     if ship_it and not rebuild:
         fail(ConfigError("--ship needs --rebuild: only a base built from scratch here is shipped"))
@@ -361,9 +363,19 @@ def prepare(
             console.print(compare_with_shipped(loaded, directory))
         if ship_it:
             directory = ship(loaded, directory, digest)
+        console.print(f"base checkpoint {digest}: {directory}")
+        if "clip" in loaded.model:
+            with _progress() as progress:
+                reporter = RichReporter(progress)
+                progress.update(reporter.task_id, description="tiny CLIP (contrastive text side)")
+                clip_dir, clip_digest = prepare_clip(loaded, directory, digest, external_model=False, report=reporter.step, rebuild=rebuild)
+            if rebuild:
+                console.print(compare_with_shipped_clip(loaded, clip_dir))
+            if ship_it:
+                clip_dir = ship_clip(loaded, clip_dir, clip_digest, directory)
+            console.print(f"CLIP {clip_digest}: {clip_dir}")
     except (*USER_ERRORS, OSError) as error:
         fail(error)
-    console.print(f"base checkpoint {digest}: {directory}")
 
 
 @app.command(name="ls")

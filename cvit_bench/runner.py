@@ -42,6 +42,7 @@ from cvit_bench.methods.base import StagePlan, build_config, recorded_config
 from cvit_bench.metrics import BOOTSTRAP, all_metrics, last_format_floor
 from cvit_bench.models.backend import load_model, parse_dtype
 from cvit_bench.models.base_checkpoint import prepare_base
+from cvit_bench.models.clip_towers import ClipFeatures, prepare_clip
 from cvit_bench.paths import config_differences, config_hash, inside, name_problem
 from cvit_bench.ranges import AT_LEAST_ONE, SEED, range_problem
 from cvit_bench.registry import ConfigError
@@ -344,9 +345,13 @@ class Progress:
 METHOD_DEFAULTS_ADDED_LATER = frozenset({"clmoe", "hide", "sefe", "modalprompt"})
 
 
-def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_hash: str, steps_per_task: int | None) -> dict[str, Any]:
-    """Everything that determines a run's numbers except the seed: two runs with equal configs are seeds of one setup."""
+def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_hash: str, steps_per_task: int | None,
+                    clip: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Everything that determines a run's numbers except the seed: two runs with equal configs are seeds of one setup.
+    The suite's CLIP (and its hash) counts only for the methods that read it."""
     suite = _setup_only(json.loads(json.dumps(dataclasses.asdict(options.suite), default=str)))
+    if clip is None:
+        suite["model"].pop("clip", None)
     suite["method_defaults"] = {name: defaults for name, defaults in suite["method_defaults"].items()
                                 if name == options.method or name not in METHOD_DEFAULTS_ADDED_LATER}
     if not suite["method_defaults"]:  # suites from before method defaults keep their config hash
@@ -362,6 +367,7 @@ def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_h
         "steps_per_task": steps_per_task,
         "model": options.model,
         "base_checkpoint_hash": base_hash,
+        **({"clip_hash": clip[1]} if clip is not None else {}),
         "data_recipe_hash": data.recipe_hash,
         **options._backend_options(),
     })
@@ -452,9 +458,10 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
             model_dir, base_hash = prepare_base(suite, report=reporter.step)
         else:
             model_dir, base_hash = Path(options.model), f"external:{options.model}"
+        clip = prepare_clip(suite, model_dir, base_hash, options.model is not None, report=reporter.step) if method.needs_clip() else None
     # Under epochs per task each stage's steps follow from its samples; no steps_per_task applies (recorded as null).
     steps_per_task = None if epochs is not None else options.steps_per_task if options.steps_per_task is not None else suite.training.steps_per_task
-    config = resolved_config(options, method, data, base_hash, steps_per_task)
+    config = resolved_config(options, method, data, base_hash, steps_per_task, clip)
     if processes.is_main:
         reporter.message(setup_line(options, method, steps_per_task, processes))
 
@@ -486,7 +493,7 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
                    "suite_lr": suite.training.lr, "dtype": options.dtype, **recorded_config(method.config)}
         with tracking(options.log_with if processes.is_main else NO_TRACKER, run_dir, f"{suite.name}-{options.method}-{run_dir.name}",
                       tracked) as tracker:
-            return _run_stages(options, method, run_dir, data, model_dir, base_hash, config, steps_per_task, checkpoint,
+            return _run_stages(options, method, run_dir, data, model_dir, clip, base_hash, config, steps_per_task, checkpoint,
                                reporter, wall_start, keep_checkpoint, processes, tracker)
 
 
@@ -503,14 +510,14 @@ def setup_line(options: RunOptions, method: Method, steps_per_task: int | None, 
             f"{length}, dtype {options.dtype}, mixed precision {precision_for(parse_dtype(options.dtype), options.mixed_precision).mode}")
 
 
-def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteData, model_dir: Path, base_hash: str,
+def _run_stages(options: RunOptions, method: Method, run_dir: Path, data: SuiteData, model_dir: Path, clip: tuple[str, str] | None, base_hash: str,
                 config: dict[str, Any], steps_per_task: int | None, checkpoint: Checkpoint | None, reporter: Reporter,
                 wall_start: float, keep_checkpoint: bool, processes: Processes, tracker: Any) -> Path:
     suite = options.suite
     recorded = provenance()  # once per session: git and package lookups are not free
     commit = recorded["git_commit"]
     seed_everything(options.seed)
-    model, collator, plan, sharded = build_run_model(options, method, data, model_dir, processes)
+    model, collator, plan, sharded = build_run_model(options, method, data, model_dir, processes, clip)
     precision = precision_for(parse_dtype(options.dtype), options.mixed_precision)
     epochs = options.epochs()
     task_names = suite.task_names
@@ -675,10 +682,11 @@ def reevaluate_stage(run_dir: Path, stage: int, reporter: Reporter | None = None
     if options.threads:
         torch.set_num_threads(options.threads)
     data = materialize(options.suite, options.seed, options.data_root)
-    model_dir = Path(options.model) if options.model is not None else prepare_base(options.suite, report=reporter.step)[0]
+    model_dir, base_hash = (Path(options.model), "") if options.model is not None else prepare_base(options.suite, report=reporter.step)
+    clip = prepare_clip(options.suite, model_dir, base_hash, options.model is not None) if method.needs_clip() else None
     seed_everything(options.seed)
     processes = Processes()
-    model, collator, plan, _ = build_run_model(options, method, data, model_dir, processes)
+    model, collator, plan, _ = build_run_model(options, method, data, model_dir, processes, clip)
     load_stage_weights(run_dir / ADAPTERS_DIR / f"stage{stage}", model, method)
     rows = plans[stage - 1].rows
     evaluated = plan.scheduled(rows, len(options.suite.task_names), options.suite.evaluation)
@@ -700,14 +708,18 @@ def reevaluate_stage(run_dir: Path, stage: int, reporter: Reporter | None = None
     return report
 
 
-def build_run_model(options: RunOptions, method: Method, data: SuiteData, model_dir: Path, processes: Processes):
+def build_run_model(options: RunOptions, method: Method, data: SuiteData, model_dir: Path, processes: Processes,
+                    clip: tuple[str, str] | None = None):
     """The run's model (loaded, wrapped by the method, placed, sharded under FSDP), its collator and evaluation plan;
     also the number of sharded tensors. Under FSDP the model is sharded while still on the CPU, so that only shards
-    (and the whole trained tensors) reach the device (see ``shard_frozen_weights``)."""
+    (and the whole trained tensors) reach the device (see ``shard_frozen_weights``). ``clip``: the CLIP the method
+    reads (source, hash), loaded frozen on the device in the run's dtype."""
     dtype = parse_dtype(options.dtype)
     base_model, processor = load_model(model_dir, dtype, options.module_patterns, options.gradient_checkpointing)
     base_weights = {id(p) for p in base_model.parameters()}
     declare_suite_tasks(method, options.suite)
+    if clip is not None:
+        method.bind_clip(ClipFeatures(*clip, device=processes.device, dtype=dtype))
     model = method.wrap_model(base_model, options.suite.task_names)
     fp32_trained_weights(model)
     if processes.shard_frozen:

@@ -101,8 +101,18 @@ def fresh_method(smoke, method_name: str, **options):
     suite, model_dir, _ = smoke
     torch.manual_seed(0)
     model, processor = load_model(model_dir)
-    method = build_method(method_name, options)
+    method = with_clip(build_method(method_name, options), suite)
     return method.wrap_model(model, suite.task_names), method, Collator(processor)
+
+
+def with_clip(method, suite):
+    """``method`` with the suite's tiny CLIP bound when it reads CLIP features (as the runner binds it before wrap_model)."""
+    from cvit_bench.models.base_checkpoint import prepare_base
+    from cvit_bench.models.clip_towers import ClipFeatures, prepare_clip
+
+    if method.needs_clip():
+        method.bind_clip(ClipFeatures(*prepare_clip(suite, *prepare_base(suite), external_model=False)))
+    return method
 
 
 def tiny_run_on_converted(suite, data_root: Path, tmp_path: Path) -> dict:

@@ -16,6 +16,7 @@ from cvit_bench.runner import build_method
 from cvit_bench.training.loop import train_stage
 
 from conftest import fresh_method as fresh
+from conftest import with_clip
 
 
 def train(smoke, model, method, collator, task: str, stage: int, steps: int = 3):
@@ -156,7 +157,8 @@ def test_hide_keeps_other_experts_bit_exact_stores_anchors_and_routes_by_them(sm
     before = {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone()) for name, layer in method.layers.items()}
     facts = train(smoke, model, method, collator, "ocr", 2)
     assert facts["experts_trained"] == 2 and facts["anchor_samples"] == len(samples["ocr"])
-    assert facts["deviations"] == [build_method("hide", {}).config.deviations()[0]], "the features are the only deviation by default"
+    assert facts["deviations"] == [], "CLIP features and the code's fusion: no deviation by default"
+    assert method.image_anchors.shape[1] == method.clip.image_width and method.text_anchors.shape[1] == method.clip.text_width
     for name, layer in method.layers.items():
         for trained, saved in ((layer.lora_A, before[name][0]), (layer.lora_B, before[name][1])):
             assert torch.equal(trained[0], saved[0]) and torch.equal(trained[2:], saved[2:]), f"{name}: only expert 1 trains in stage 2"
@@ -172,7 +174,7 @@ def test_hide_keeps_other_experts_bit_exact_stores_anchors_and_routes_by_them(sm
     facts = method.evaluation_facts(method.evaluation_records())
     assert facts["anchor_accuracy"] == 100.0 and facts["anchor_samples"] == 16
 
-    restored = build_method("hide", {})
+    restored = with_clip(build_method("hide", {}), smoke[0])
     restored.wrap_model(load_model(smoke[1])[0], smoke[0].task_names)
     restored.load_state_dict(method.state_dict())
     assert restored.schedule.trained == 2 and torch.equal(restored.image_anchors, method.image_anchors)

@@ -10,7 +10,7 @@ from torch import nn
 
 from cvit_bench.checkpoint import load_model_tensors, model_tensors
 from cvit_bench.methods.modalprompt import (
-    alignment_loss, ascending_top, selection_scores, splice_after_bos, training_choice,
+    FEATURES_DEVIATION, alignment_loss, ascending_top, selection_scores, splice_after_bos, training_choice,
 )
 from cvit_bench.runner import trainable_names
 from cvit_bench.training.loop import train_stage
@@ -131,8 +131,9 @@ def test_only_the_current_tasks_prompts_and_mlp_receive_gradients(smoke):
     assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("modal_prompt."))
 
 
-def test_extra_loss_is_the_two_alignment_terms_of_the_current_prototype(smoke):
-    model, method, collator = fresh(smoke)
+@pytest.mark.parametrize("features", ["clip", "llava"])
+def test_extra_loss_is_the_two_alignment_terms_of_the_current_prototype(smoke, features):
+    model, method, collator = fresh(smoke, features=features)
     method.before_stage(1, ("mcq",), model)
     chunk = smoke[2]["mcq"][:4]
     batch = collator.train_batch(chunk)
@@ -143,7 +144,11 @@ def test_extra_loss_is_the_two_alignment_terms_of_the_current_prototype(smoke):
     cos = nn.functional.cosine_similarity
     direct = (1 - cos(image, prototype[None]).mean()) + (1 - cos(text, prototype[None]).mean())
     assert torch.allclose(extra, direct, atol=1e-6)
-    assert image.shape == text.shape == (4, model.get_input_embeddings().embedding_dim)
+    # CLIP's projected image embedding and unprojected text output share one width (the tiny CLIP's projection is as wide as its
+    # text encoder, as ViT-L/14's 768); the LLaVA features are both d wide; the prototype ends in that width
+    width = method.clip.image_width if features == "clip" else model.get_input_embeddings().embedding_dim
+    assert image.shape == text.shape == (4, width) and prototype.shape == (width,)
+    assert method.config.deviations() == ([] if features == "clip" else [FEATURES_DEVIATION])
 
 
 def test_kv_cache_generation_matches_uncached_forwards_on_independently_built_inputs(smoke):

@@ -157,6 +157,14 @@ class Method:
         """Called once after :meth:`wrap_model` with the run's tokenizer, for methods that embed text of their own
         (BranchLoRA's instruction key); others need nothing."""
 
+    def needs_clip(self) -> bool:
+        """Whether the method reads CLIP image and text features (HiDe-LLaVA's anchors, ModalPrompt's selection); the
+        runner then passes the suite's CLIP (``model.clip``) to :meth:`bind_clip` before :meth:`wrap_model`."""
+        return False
+
+    def bind_clip(self, clip: Any) -> None:
+        """Called once before :meth:`wrap_model` with the run's frozen CLIP features (a ``ClipFeatures``) when :meth:`needs_clip`."""
+
     def wrap_model(self, model: nn.Module, tasks: list[str]) -> nn.Module:
         """Attach adapters / choose trainable parameters for a run over ``tasks``. Default: train projector + LLM, freeze the vision tower."""
         for parameter in vision_parameters(model):

@@ -15,19 +15,19 @@ average of the ΔW_i (``"average"``). The top layer mixes the experts per sample
 default; the authors hard-code 6 slots) or over all T slots, untrained ones at similarity 0
 (``anchor_slots="all"``, MCITlib's choice).
 
-Features, a recorded deviation: the authors take CLIP's projected image embedding and CLIP's
-pooled text output from the CLIP checkpoint of the vision tower. A LLaVA checkpoint carries
-the CLIP vision tower without its projection and no CLIP text encoder, and the shipped tiny
-base has neither, so this module uses features every LLaVA-family checkpoint has, all from
-frozen weights: the image feature is the vision tower's mean patch feature (last layer, CLS
-left out), the text feature the mean input embedding of the prompt's text tokens (image
-tokens, padding and answer left out). Every stage records this in its ``deviations``.
+Features: as in the authors' code, CLIP's projected image embedding and the CLIP text encoder's
+pooled (unprojected) output of the question, from the CLIP checkpoint of the vision tower: the
+suite's ``model.clip`` (for the tiny base, the tiny CLIP built on its tower, see
+``models/clip_towers.py``). ``features="llava"`` instead takes features every LLaVA-family
+checkpoint has, from frozen weights, and is recorded as a deviation: the vision tower's mean
+patch feature (last layer, CLS left out) and the mean input embedding of the prompt's text
+tokens (image tokens, padding and answer left out).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
 from torch import nn
@@ -35,14 +35,17 @@ from torch import nn
 from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, TuningConfig, option
 from cvit_bench.methods.mixture import (
-    MixtureLoraLinear, Routing, SliceFreezer, inject_mixture, prompt_text_features, selection_facts, set_trainable,
+    MixtureLoraLinear, Routing, SliceFreezer, inject_mixture, prompt_text_features, question_texts, selection_facts, set_trainable,
 )
 from cvit_bench.models.backend import module_map_for
-from cvit_bench.ranges import AT_LEAST_ONE, POSITIVE
+from cvit_bench.ranges import AT_LEAST_ONE, POSITIVE, Choices
 from cvit_bench.registry import ConfigError
 
-FEATURES_DEVIATION = ("anchor features: the vision tower's mean patch feature and the prompt's mean input embedding, "
-                      "not CLIP's projected image embedding and pooled text output")
+if TYPE_CHECKING:  # the CLIP module imports the base's, which imports the methods
+    from cvit_bench.models.clip_towers import ClipFeatures
+
+FEATURES_DEVIATION = ("features=llava: anchor features are the vision tower's mean patch feature and the prompt's mean input "
+                      "embedding, not CLIP's projected image embedding and pooled text output")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class HideConfig(TuningConfig):
     lower_fusion: str = option("factors", "layers below the top at inference: 'factors' sums the A's and the B's (authors' code), 'average' averages the B_i A_i (paper)")
     anchor_slots: str = option("seen", "top-layer softmax over the 'seen' tasks' anchors, or 'all' T slots with untrained ones at 0 (MCITlib)")
     train_projector: bool = option(True, "train the projector, shared across tasks (authors' projector lr: 2e-5)")
+    features: str = option("clip", "anchor features: 'clip', the suite's CLIP (authors), or 'llava', frozen features of the LLaVA "
+                           "checkpoint itself (tower's mean patch, prompt's mean embedding; a deviation)", Choices(("clip", "llava")))
 
     def __post_init__(self) -> None:
         if self.lower_fusion not in ("factors", "average"):
@@ -63,8 +68,8 @@ class HideConfig(TuningConfig):
             raise ValueError(f"anchor_slots must be 'seen' or 'all', not {self.anchor_slots!r}")
 
     def deviations(self) -> list[str]:
-        """Where this configuration departs from the authors' code (recorded with every stage); the features always do."""
-        found = [FEATURES_DEVIATION]
+        """Where this configuration departs from the authors' code (recorded with every stage)."""
+        found = [FEATURES_DEVIATION] if self.features == "llava" else []
         if self.lower_fusion == "average":
             found.append("lower_fusion=average: lower layers average the B_i A_i (the paper's uniform merging), not the code's sum of factors")
         if self.anchor_slots == "all":
@@ -154,8 +159,15 @@ class Hide(Method):
         self.text_anchors = torch.zeros(0)
         self.choices: list[tuple[str, int]] = []  # per evaluated sample of a trained task: (its task, 1 if its expert weighed most)
         self._model: nn.Module | None = None
+        self.clip: ClipFeatures | None = None
 
     # --- model -------------------------------------------------------------
+    def needs_clip(self) -> bool:
+        return self.config.features == "clip"
+
+    def bind_clip(self, clip: ClipFeatures) -> None:
+        self.clip = clip
+
     def wrap_model(self, model: nn.Module, tasks: list[str]) -> nn.Module:
         c = self.config
         self.tasks = list(tasks)
@@ -169,8 +181,11 @@ class Hide(Method):
         )
         set_trainable(model, self.layers, c.train_projector)
         self._model = model
-        self.image_anchors = torch.zeros(len(tasks), self._vision_tower().config.hidden_size)
-        self.text_anchors = torch.zeros(len(tasks), model.get_input_embeddings().embedding_dim)
+        if self.clip is not None:
+            widths = self.clip.image_width, self.clip.text_width
+        else:
+            widths = self._vision_tower().config.hidden_size, model.get_input_embeddings().embedding_dim
+        self.image_anchors, self.text_anchors = (torch.zeros(len(tasks), width) for width in widths)
         return model
 
     def _vision_tower(self) -> nn.Module:
@@ -182,11 +197,13 @@ class Hide(Method):
     # --- features ----------------------------------------------------------
     @torch.no_grad()
     def features(self, samples: list[Sample], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image, text) features per sample, fp32, from frozen weights (see the module docstring)."""
+        """(image, text) features per sample, fp32, on the CPU (see the module docstring)."""
+        per_sample = [len(s.turns) for s in samples]
+        if self.clip is not None:
+            return self.clip.image(batch["pixel_values"], per_sample), self.clip.text(question_texts(samples))
         tower = self._vision_tower()
         pixels = batch["pixel_values"].to(next(tower.parameters()).dtype)
         patches = tower(pixel_values=pixels).last_hidden_state[:, 1:].float().mean(1)  # per image, CLS left out
-        per_sample = [len(s.turns) for s in samples]
         image = patches if len(patches) == len(samples) else torch.stack([chunk.mean(0) for chunk in patches.split(per_sample)])
         return image.cpu(), prompt_text_features(self._model, batch).float().cpu()
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import freeze_all_but_projector
 
 
@@ -200,6 +201,13 @@ def prompt_text_features(model: nn.Module, batch: dict[str, torch.Tensor]) -> to
         embedded = model.get_input_embeddings()(ids)
     weights = keep.to(embedded.dtype).unsqueeze(-1)
     return (embedded * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def question_texts(samples: list[Sample]) -> list[str]:
+    """Each sample's question as sent, options and instruction included, no system prompt or answer: the text both
+    HiDe-LLaVA's and ModalPrompt's code give CLIP's text encoder (the first human turn; here the question's own turn,
+    so a few-shot sample is represented by its question, not its first example)."""
+    return [sample.turns[-1].prompt for sample in samples]
 
 
 def selection_facts(records: list[tuple[str, int]], prefix: str) -> dict[str, Any]:

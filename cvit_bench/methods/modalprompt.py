@@ -21,31 +21,34 @@ writes the selected prompt embeddings at those positions. ``generate`` is wrappe
 batch so its prefill sees the lengthened prompt (its KV cache then holds the prompts) and its
 output starts with the caller's own input ids, as ``generate`` returns them unwrapped.
 
-Features, recorded deviations: the authors use CLIP's projected image embedding and CLIP's
-unprojected pooled text output of the instruction (a quirk of their code, both 768-wide).
-LLaVA checkpoints carry no CLIP text encoder or visual projection, so, as ``hide`` does, the
-features come from frozen weights every LLaVA-family checkpoint has; since one prototype is
-compared with both, both must share a width: the image feature is the mean of the frozen
-projector's image tokens (the image as the LLM sees it, width d), the text feature the mean
-input embedding of the prompt's text tokens (width d). ``g_t`` therefore ends in d, not 768.
+Features: as in the authors' code, CLIP's projected image embedding and CLIP's unprojected
+pooled text output of the instruction (a quirk of their code that works because both are 768
+wide at ViT-L/14), from the suite's ``model.clip`` (for the tiny base, the tiny CLIP built on
+its tower, whose projection is as wide as its text encoder); ``g_t`` ends in that width.
+``features="llava"`` instead uses frozen features every LLaVA-family checkpoint has and is
+recorded as a deviation: the mean of the frozen projector's image tokens and the mean input
+embedding of the prompt's text tokens, both d wide (``g_t`` then ends in d).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
 
 from cvit_bench.data.samples import Sample
 from cvit_bench.methods.base import METHODS, Method, TuningConfig, option
-from cvit_bench.methods.mixture import prompt_text_features, selection_facts
-from cvit_bench.ranges import AT_LEAST_ONE, POSITIVE
+from cvit_bench.methods.mixture import prompt_text_features, question_texts, selection_facts
+from cvit_bench.ranges import AT_LEAST_ONE, POSITIVE, Choices
 from cvit_bench.registry import ConfigError
 
-FEATURES_DEVIATION = ("selection features: the frozen projector's mean image token and the prompt's mean input embedding, "
-                      "not CLIP's projected image embedding and pooled text output; prototypes are d_model wide, not 768")
+if TYPE_CHECKING:  # the CLIP module imports the base's, which imports the methods
+    from cvit_bench.models.clip_towers import ClipFeatures
+
+FEATURES_DEVIATION = ("features=llava: selection features are the frozen projector's mean image token and the prompt's mean input "
+                      "embedding, not CLIP's projected image embedding and pooled text output; prototypes are d_model wide")
 IGNORE = -100
 
 
@@ -57,14 +60,16 @@ class ModalPromptConfig(TuningConfig):
     inference_prompts: int = option(3, "prompts inserted at inference, the top by score (authors: 3; MCITlib hard-codes 1)", AT_LEAST_ONE)
     image_weight: float = option(0.5, "weight of the image cosine in the selection score; the text cosine gets the rest (authors: 0.5)",
                                  POSITIVE)
+    features: str = option("clip", "selection features: 'clip', the suite's CLIP (authors), or 'llava', frozen features of the LLaVA "
+                           "checkpoint itself (projector's mean image token, prompt's mean embedding; a deviation)", Choices(("clip", "llava")))
 
     def __post_init__(self) -> None:
         if self.image_weight > 1:
             raise ValueError(f"image_weight must be at most 1, not {self.image_weight}")
 
     def deviations(self) -> list[str]:
-        """Where this configuration departs from the authors' code (recorded with every stage); the features always do."""
-        found = [FEATURES_DEVIATION]
+        """Where this configuration departs from the authors' code (recorded with every stage)."""
+        found = [FEATURES_DEVIATION] if self.features == "llava" else []
         if self.inference_prompts != 3:
             found.append(f"inference_prompts={self.inference_prompts}: the authors insert the top 3 prompts")
         return found
@@ -73,12 +78,12 @@ class ModalPromptConfig(TuningConfig):
 class PromptPool(nn.Module):
     """Every task's prompt embeddings (one tensor per task, so a task trains alone) and prototype MLP, attached to the model."""
 
-    def __init__(self, embeddings: torch.Tensor, tasks: int, length: int) -> None:
+    def __init__(self, embeddings: torch.Tensor, tasks: int, length: int, feature_width: int) -> None:
         super().__init__()
         width = embeddings.shape[1]
         rows = torch.randint(embeddings.shape[0], (tasks, length))
         self.prompts = nn.ParameterList(nn.Parameter(embeddings[r].detach().float().clone()) for r in rows)
-        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)) for _ in range(tasks))
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, feature_width)) for _ in range(tasks))
 
     def prototype(self, task: int) -> torch.Tensor:
         """``p_t = mean_i g_t(e_i)``: (d,)."""
@@ -159,15 +164,27 @@ class ModalPrompt(Method):
         self.aligned: tuple[torch.Tensor, torch.Tensor] | None = None  # the training batch's (image, text) features
         self.choices: list[tuple[str, int]] = []  # per evaluated sample of a trained task: (its task, 1 if its prompt scored best)
         self._model: nn.Module | None = None
+        self.clip: ClipFeatures | None = None
 
     # --- model -------------------------------------------------------------
+    def needs_clip(self) -> bool:
+        return self.config.features == "clip"
+
+    def bind_clip(self, clip: ClipFeatures) -> None:
+        if clip.image_width != clip.text_width:
+            raise ConfigError(f"modalprompt: one prototype is compared with CLIP's projected image embedding ({clip.image_width} wide) "
+                              f"and its unprojected text output ({clip.text_width} wide); this CLIP's widths differ")
+        self.clip = clip
+
     def wrap_model(self, model: nn.Module, tasks: list[str]) -> nn.Module:
-        if getattr(model.config, "vision_feature_layer", None) is None or not hasattr(model, "get_image_features"):
-            raise ConfigError("modalprompt: its image feature needs a LLaVA-family model (projected image tokens)")
+        embeddings = model.get_input_embeddings().weight
+        if self.clip is None and (getattr(model.config, "vision_feature_layer", None) is None or not hasattr(model, "get_image_features")):
+            raise ConfigError("modalprompt: features=llava needs a LLaVA-family model (projected image tokens)")
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         self.tasks = list(tasks)
-        self.pool = PromptPool(model.get_input_embeddings().weight, len(tasks), self.config.prompt_length)
+        width = self.clip.image_width if self.clip is not None else embeddings.shape[1]
+        self.pool = PromptPool(embeddings, len(tasks), self.config.prompt_length, width)
         self.pool.requires_grad_(False)
         model.modal_prompt = self.pool  # a submodule: placed with the model, its trained tensors checkpointed with it
         self._model = model
@@ -176,13 +193,16 @@ class ModalPrompt(Method):
     # --- features and selection ----------------------------------------------
     @torch.no_grad()
     def features(self, samples: list[Sample], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image, text) features per sample, fp32, both d_model wide, from frozen weights (see the module docstring)."""
+        """(image, text) features per sample, fp32, on the model's device, both as wide as the prototypes (see the module docstring)."""
+        per_sample = [len(s.turns) for s in samples]
+        if self.clip is not None:
+            device = self._model.get_input_embeddings().weight.device
+            return self.clip.image(batch["pixel_values"], per_sample).to(device), self.clip.text(question_texts(samples)).to(device)
         config = self._model.config
         pixels = batch["pixel_values"].to(self._model.get_input_embeddings().weight.dtype)
         images = self._model.get_image_features(pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
                                                 vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
         per_image = torch.stack([tokens.float().mean(0) for tokens in images])
-        per_sample = [len(s.turns) for s in samples]
         image = per_image if len(per_image) == len(samples) else torch.stack([c.mean(0) for c in per_image.split(per_sample)])
         return image, prompt_text_features(self._model, batch).float()
 

@@ -172,18 +172,24 @@ def weights_sha256(directory: Path) -> str:
 
 def _load_shipped(suite: Suite, directory: Path) -> tuple[Path, str]:
     """The shipped base, refused when its manifest is missing, its recipe is not this suite's, or its weights changed."""
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise SuiteError([f"{suite.path}: model.shipped: {manifest_path} is missing; build it with "
-                          f"`cvit-bench prepare --suite {suite.name} --rebuild --ship`"])
-    manifest = read_json(manifest_path)
     digest = base_checkpoint_hash(suite)
+    verify_shipped(directory, MANIFEST, digest, f"cvit-bench prepare --suite {suite.name} --rebuild --ship")
+    return directory, digest
+
+
+def verify_shipped(directory: Path, manifest_name: str, digest: str, rebuild_command: str) -> dict:
+    """The manifest of a shipped artifact (the base, its CLIP), refused when missing, of another recipe than ``digest``,
+    or when the weights' SHA-256 is not the one it records."""
+    manifest_path = directory / manifest_name
+    if not manifest_path.is_file():
+        raise SuiteError([f"{manifest_path} is missing; build it with `{rebuild_command}`"])
+    manifest = read_json(manifest_path)
     if manifest.get("hash") != digest:
-        raise SuiteError([f"{manifest_path}: hash: the shipped base was built from another recipe ({manifest.get('hash')}; "
-                          f"this tree's is {digest}); rebuild it with `cvit-bench prepare --suite {suite.name} --rebuild --ship`"])
+        raise SuiteError([f"{manifest_path}: hash: the shipped files were built from another recipe ({manifest.get('hash')}; "
+                          f"this tree's is {digest}); rebuild them with `{rebuild_command}`"])
     if weights_sha256(directory) != manifest.get("weights_sha256"):
         raise SuiteError([f"{directory / WEIGHTS}: its SHA-256 differs from {manifest_path}'s weights_sha256 (the file was changed)"])
-    return directory, digest
+    return manifest
 
 
 def _build(suite: Suite, target: Path, digest: str, report: Callable[[int, float, float], None] | None) -> None:
@@ -228,20 +234,24 @@ def prepare_base(suite: Suite, report: Callable[[int, float, float], None] | Non
 
 def compare_with_shipped(suite: Suite, built: Path) -> str:
     """Whether a rebuilt base is bit-identical to the shipped one, tensor by tensor, in words."""
+    return compare_weights(built, shipped_base(suite), "base")
+
+
+def compare_weights(built: Path, shipped: Path | None, what: str) -> str:
+    """Whether the weights in ``built`` are bit-identical to those in ``shipped``, tensor by tensor, in words."""
     from safetensors.torch import load_file
 
-    shipped = shipped_base(suite)
     if shipped is None or not (shipped / WEIGHTS).is_file():
-        return "the suite ships no base to compare with"
+        return f"the suite ships no {what} to compare with"
     ours, theirs = load_file(built / WEIGHTS), load_file(shipped / WEIGHTS)
     if ours.keys() != theirs.keys():
-        return f"NOT identical: the tensor names differ ({sorted(ours.keys() ^ theirs.keys())[:3]} ...)"
+        return f"{what}: NOT identical: the tensor names differ ({sorted(ours.keys() ^ theirs.keys())[:3]} ...)"
     differing = {name: (ours[name].float() - theirs[name].float()).abs().max().item()
                  for name in ours if not torch.equal(ours[name], theirs[name])}
     if not differing:
-        return f"bit-identical to the shipped base: all {len(ours)} tensors equal"
+        return f"bit-identical to the shipped {what}: all {len(ours)} tensors equal"
     worst = max(differing, key=differing.get)
-    return (f"NOT bit-identical: {len(differing)} of {len(ours)} tensors differ (largest |difference| "
+    return (f"{what}: NOT bit-identical: {len(differing)} of {len(ours)} tensors differ (largest |difference| "
             f"{differing[worst]:.3g} in {worst}); CPU kernels and thread scheduling differ between machines")
 
 
@@ -251,15 +261,19 @@ def ship(suite: Suite, built: Path, digest: str) -> Path:
     if shipped is None:
         raise SuiteError([f"{suite.path}: model.shipped: the suite names no shipped base"])
     tiny, pretrain = tiny_configs(suite)
+    return publish_shipped(built, shipped, MANIFEST, {
+        "hash": digest, "suite": suite.name, "tiny": tiny.to_dict(), "pretrain": pretrain.__dict__, "build_threads": BUILD_THREADS,
+    })
+
+
+def publish_shipped(built: Path, shipped: Path, manifest_name: str, manifest: dict) -> Path:
+    """Replace ``shipped`` by a copy of ``built`` with its manifest (``manifest`` plus the weights' SHA-256 and parameter count)."""
     shipped.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=shipped.parent, prefix=f".{shipped.name}-"))
     try:
         shutil.copytree(built, staging, dirs_exist_ok=True)
-        atomic_write_json(staging / MANIFEST, {
-            "hash": digest, "weights_sha256": weights_sha256(staging), "suite": suite.name,
-            "tiny": tiny.to_dict(), "pretrain": pretrain.__dict__, "build_threads": BUILD_THREADS,
-            "parameters": _parameter_count(staging),
-        })
+        atomic_write_json(staging / manifest_name, {**manifest, "weights_sha256": weights_sha256(staging),
+                                                    "parameters": _parameter_count(staging)})
         shutil.rmtree(shipped, ignore_errors=True)
         staging.rename(shipped)
     finally:

@@ -557,6 +557,11 @@ def load_suite(name_or_path: str, templates_dir: Path | None = None) -> Suite:
     if not isinstance(model, dict):
         problems.append(f"{where}: model: expected a mapping")
         model = {}
+    clip = model.get("clip")
+    if clip is not None and source == "llava" and not (isinstance(clip, str) and clip):
+        problems.append(f"{where}: model.clip: expected the name or path of the CLIP checkpoint of the model's vision tower")
+    elif clip is not None and source != "llava" and not isinstance(clip, dict):
+        problems.append(f"{where}: model.clip: expected a mapping (the embedded model's tiny CLIP recipe)")
     name = data.get("name", path.stem)
     if name_problem(name):  # results, cache and leaderboard paths are named after the suite
         problems.append(f"{where}: name: {name_problem(name)}")
