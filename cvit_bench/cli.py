@@ -368,7 +368,7 @@ def prepare(
             with _progress() as progress:
                 reporter = RichReporter(progress)
                 progress.update(reporter.task_id, description="tiny CLIP (contrastive text side)")
-                clip_dir, clip_digest = prepare_clip(loaded, directory, digest, external_model=False, report=reporter.step, rebuild=rebuild)
+                clip_dir, clip_digest = prepare_clip(loaded, directory, digest, report=reporter.step, rebuild=rebuild)
             if rebuild:
                 console.print(compare_with_shipped_clip(loaded, clip_dir))
             if ship_it:

@@ -458,7 +458,7 @@ def run(options: RunOptions, reporter: Reporter | None = None, *, fresh: bool = 
             model_dir, base_hash = prepare_base(suite, report=reporter.step)
         else:
             model_dir, base_hash = Path(options.model), f"external:{options.model}"
-        clip = prepare_clip(suite, model_dir, base_hash, options.model is not None, report=reporter.step) if method.needs_clip() else None
+        clip = prepare_clip(suite, model_dir, base_hash, report=reporter.step) if method.needs_clip() else None
     # Under epochs per task each stage's steps follow from its samples; no steps_per_task applies (recorded as null).
     steps_per_task = None if epochs is not None else options.steps_per_task if options.steps_per_task is not None else suite.training.steps_per_task
     config = resolved_config(options, method, data, base_hash, steps_per_task, clip)
@@ -683,7 +683,7 @@ def reevaluate_stage(run_dir: Path, stage: int, reporter: Reporter | None = None
         torch.set_num_threads(options.threads)
     data = materialize(options.suite, options.seed, options.data_root)
     model_dir, base_hash = (Path(options.model), "") if options.model is not None else prepare_base(options.suite, report=reporter.step)
-    clip = prepare_clip(options.suite, model_dir, base_hash, options.model is not None) if method.needs_clip() else None
+    clip = prepare_clip(options.suite, model_dir, base_hash) if method.needs_clip() else None
     seed_everything(options.seed)
     processes = Processes()
     model, collator, plan, _ = build_run_model(options, method, data, model_dir, processes, clip)

@@ -31,7 +31,7 @@ def test_alt_text_names_the_shapes_left_to_right_the_word_and_the_background():
 
 def test_the_tiny_clip_is_the_bases_tower_with_a_text_side_pooled_at_the_end_token(smoke_setup):
     suite, model_dir, data = smoke_setup
-    source, digest = prepare_clip(suite, *prepare_base(suite), external_model=False)
+    source, digest = prepare_clip(suite, *prepare_base(suite))
     base = load_file(Path(model_dir) / "model.safetensors")
     clip = load_file(Path(source) / "model.safetensors")
     tower = {name.removeprefix("vision_tower."): tensor for name, tensor in base.items() if name.startswith("vision_tower.")}
@@ -69,48 +69,47 @@ def test_a_shipped_clip_is_checked_against_its_recipe_its_base_and_its_weights(t
     suite = load_suite(str(_shipping_suite(tmp_path)))
     base_dir, base_hash = prepare_base(suite)
     with pytest.raises(SuiteError, match="clip.json is missing"):
-        prepare_clip(suite, base_dir, base_hash, external_model=False)
-    built, digest = prepare_clip(suite, base_dir, base_hash, external_model=False, rebuild=True)
+        prepare_clip(suite, base_dir, base_hash)
+    built, digest = prepare_clip(suite, base_dir, base_hash, rebuild=True)
     shipped = ship_clip(suite, built, digest, base_dir)
-    assert prepare_clip(suite, base_dir, base_hash, external_model=False) == (str(shipped), digest)
-    rebuilt, _ = prepare_clip(suite, base_dir, base_hash, external_model=False, rebuild=True)
+    assert prepare_clip(suite, base_dir, base_hash) == (str(shipped), digest)
+    rebuilt, _ = prepare_clip(suite, base_dir, base_hash, rebuild=True)
     assert compare_with_shipped_clip(suite, rebuilt).startswith("bit-identical")
 
     (tmp_path / "other").mkdir()
     other = load_suite(str(_shipping_suite(tmp_path / "other", steps=7)))
     with pytest.raises(SuiteError, match="built from another recipe"):
-        prepare_clip(other, base_dir, base_hash, external_model=False)
+        prepare_clip(other, base_dir, base_hash)
     other_base = tmp_path / "other-base"
     other_base.mkdir()
     (other_base / "model.safetensors").write_bytes(b"not the base")
     with pytest.raises(SuiteError, match="base_weights_sha256"):
-        prepare_clip(suite, other_base, base_hash, external_model=False)
+        prepare_clip(suite, other_base, base_hash)
     weights = shipped / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
     with pytest.raises(SuiteError, match="SHA-256 differs"):
-        prepare_clip(suite, base_dir, base_hash, external_model=False)
+        prepare_clip(suite, base_dir, base_hash)
 
 
 def test_a_real_suite_names_its_clip_checkpoint_and_a_local_one_loads(tmp_path, smoke_setup):
     coin = load_suite("coin")
-    assert clip_source(coin, external_model=True) == "openai/clip-vit-large-patch14-336"
+    assert clip_source(coin) == "openai/clip-vit-large-patch14-336"
+    assert prepare_clip(coin, tmp_path, "external:x") == ("openai/clip-vit-large-patch14-336", "external:openai/clip-vit-large-patch14-336")
     raw = yaml.safe_load((SUITES_DIR / "coin.yaml").read_text())
     del raw["model"]
     path = tmp_path / "coin-no-clip.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(SuiteError, match="model.clip: name the CLIP checkpoint"):
-        prepare_clip(load_suite(str(path)), tmp_path, "external:x", external_model=True)
+        prepare_clip(load_suite(str(path)), tmp_path, "external:x")
     raw["model"] = {"clip": {"steps": 3}}
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(SuiteError, match="model.clip: expected the name or path"):
         load_suite(str(path))
     with pytest.raises(SuiteError, match=r"unknown key\(s\) \['step'\]"):
-        clip_source(load_suite(str(_shipping_suite(tmp_path, step=3))), external_model=False)
+        clip_source(load_suite(str(_shipping_suite(tmp_path, step=3))))
 
     suite, model_dir, _ = smoke_setup  # a checkpoint saved with save_pretrained loads by its path, as a hub name would
-    local, _ = prepare_clip(suite, *prepare_base(suite), external_model=False)
-    assert prepare_clip(coin, tmp_path, "external:x", external_model=True) == ("openai/clip-vit-large-patch14-336",
-                                                                              "external:openai/clip-vit-large-patch14-336")
+    local, _ = prepare_clip(suite, *prepare_base(suite))
     assert isinstance(ClipFeatures(local, f"external:{local}").model, CLIPModel)
 
 

@@ -72,21 +72,22 @@ def alt_text(scene: synthetic.Scene) -> str:
     return f"{' and '.join(things) or 'nothing'} {where}"
 
 
-def clip_source(suite: Suite, external_model: bool) -> str | ClipRecipe:
-    """What ``model.clip`` names: a checkpoint (hub name or path; needed with ``--model``) or the tiny CLIP's recipe."""
+def clip_source(suite: Suite) -> str | ClipRecipe:
+    """What ``model.clip`` names: a checkpoint (a hub name or a path; a real suite must name one) or the recipe of the tiny
+    CLIP built on the run's own model (embedded suites; every field optional)."""
     raw = suite.model.get("clip")
-    if external_model:
-        if not isinstance(raw, str) or not raw:
-            raise SuiteError([f"{suite.path}: model.clip: name the CLIP checkpoint of the model's vision tower (a hub name or a "
-                              f"path, e.g. openai/clip-vit-large-patch14-336); this method reads CLIP features"])
+    if isinstance(raw, str) and raw:
         return raw
+    if suite.data_source == "llava":
+        raise SuiteError([f"{suite.path}: model.clip: name the CLIP checkpoint of the model's vision tower (a hub name or a "
+                          f"path, e.g. openai/clip-vit-large-patch14-336); this method reads CLIP features"])
     raw = raw or {}
+    allowed = sorted(f.name for f in fields(ClipRecipe))
     if not isinstance(raw, dict):
-        raise SuiteError([f"{suite.path}: model.clip: the embedded tiny model builds its own CLIP; give a mapping of "
-                          f"{sorted(f.name for f in fields(ClipRecipe))}, not {raw!r}"])
-    unknown = sorted(set(raw) - {f.name for f in fields(ClipRecipe)})
+        raise SuiteError([f"{suite.path}: model.clip: expected a checkpoint's name or a mapping of {allowed}, not {raw!r}"])
+    unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise SuiteError([f"{suite.path}: model.clip: unknown key(s) {unknown} (allowed: {sorted(f.name for f in fields(ClipRecipe))})"])
+        raise SuiteError([f"{suite.path}: model.clip: unknown key(s) {unknown} (allowed: {allowed})"])
     recipe = ClipRecipe(**raw)
     if recipe.shipped is not None and (not recipe.shipped or "/" in recipe.shipped or "\\" in recipe.shipped or recipe.shipped.startswith(".")):
         raise SuiteError([f"{suite.path}: model.clip.shipped: expected the name of a folder under {SHIPPED_DIR}, got {recipe.shipped!r}"])
@@ -97,11 +98,12 @@ def tiny_clip_hash(recipe: ClipRecipe, base_hash: str) -> str:
     return config_hash({"base": base_hash, "clip": recipe.hashed()})
 
 
-def prepare_clip(suite: Suite, base_dir: Path, base_hash: str, external_model: bool, *,
+def prepare_clip(suite: Suite, base_dir: Path, base_hash: str, *,
                  report: Callable[[int, float, float], None] | None = None, rebuild: bool = False) -> tuple[str, str]:
-    """Where the CLIP a method reads is (a folder, or a hub name for a real checkpoint) and its hash: the checkpoint
-    ``model.clip`` names; for the tiny base the shipped CLIP (unless ``rebuild``), else the cached build, built if absent."""
-    source = clip_source(suite, external_model)
+    """Where the CLIP a method reads is (a folder, or a hub name) and its hash: the checkpoint ``model.clip`` names; else the
+    tiny CLIP of the model in ``base_dir``: the shipped one (unless ``rebuild``; refused unless built on these very weights),
+    or the cached build, built if absent."""
+    source = clip_source(suite)
     if isinstance(source, str):
         return source, f"external:{source}"
     digest = tiny_clip_hash(source, base_hash)
@@ -267,14 +269,14 @@ class ClipFeatures:
 
 
 def compare_with_shipped_clip(suite: Suite, built: str) -> str:
-    source = clip_source(suite, external_model=False)
+    source = clip_source(suite)
     return compare_weights(Path(built), SHIPPED_DIR / source.shipped if source.shipped else None, "CLIP")
 
 
 def ship_clip(suite: Suite, built: str, digest: str, base_dir: Path) -> Path:
     """Copy a built tiny CLIP into the suite's shipped folder with its manifest (maintainers; commit the folder)."""
-    source = clip_source(suite, external_model=False)
-    if source.shipped is None:
+    source = clip_source(suite)
+    if not isinstance(source, ClipRecipe) or source.shipped is None:
         raise SuiteError([f"{suite.path}: model.clip.shipped: the suite names no shipped CLIP"])
     retrieval = float((Path(built) / "retrieval.txt").read_text())
     return publish_shipped(Path(built), SHIPPED_DIR / source.shipped, MANIFEST, {
