@@ -13,6 +13,7 @@ from transformers import CLIPModel
 from cvit_bench.models import clip_towers
 from cvit_bench.models.base_checkpoint import prepare_base
 from cvit_bench.models.clip_towers import ClipFeatures, alt_text, clip_source, compare_with_shipped_clip, prepare_clip, ship_clip
+from cvit_bench.registry import ConfigError
 from cvit_bench.runner import RunOptions, build_method, resolved_config
 from cvit_bench.suites import synthetic
 from cvit_bench.suites.materialize import SuiteData
@@ -53,6 +54,8 @@ def test_the_tiny_clip_is_the_bases_tower_with_a_text_side_pooled_at_the_end_tok
     assert single.shape == (3, features.image_width)
     assert torch.allclose(features.image(pixels, [1, 2]), torch.stack([single[0], single[1:].mean(0)]), atol=1e-6), \
         "a few-shot sample's images are averaged"
+    with pytest.raises(ConfigError, match="flattened patches"):  # what Qwen2-VL's processor gives
+        features.image(torch.randn(64, 3 * 2 * 14 * 14), [1])
 
 
 def _shipping_suite(tmp_path: Path, **clip) -> Path:

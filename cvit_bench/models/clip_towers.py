@@ -32,6 +32,7 @@ from cvit_bench.models.base_checkpoint import (
     BUILD_THREADS, SHIPPED_DIR, compare_weights, publish_shipped, verify_shipped, weights_sha256,
 )
 from cvit_bench.paths import cache_dir, config_hash
+from cvit_bench.registry import ConfigError
 from cvit_bench.suites import synthetic
 from cvit_bench.suites.schema import Suite, SuiteError
 
@@ -253,6 +254,11 @@ class ClipFeatures:
     @torch.no_grad()
     def image(self, pixel_values: torch.Tensor, per_sample: list[int]) -> torch.Tensor:
         """(samples, projection width): each sample's images embedded, averaged over a sample's few-shot images."""
+        side = self.model.config.vision_config.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (side, side):
+            raise ConfigError(f"CLIP features need the images as (n, channels, {side}, {side}) pixels, as a LLaVA processor for this CLIP "
+                              f"gives them; this model's processor gives shape {tuple(pixel_values.shape)} (Qwen2-VL's flattened patches "
+                              f"cannot be read by a CLIP tower)")
         parameter = next(self.model.parameters())
         pooled = self.model.vision_model(pixel_values=pixel_values.to(parameter.device, parameter.dtype)).pooler_output
         embedded = self.model.visual_projection(pooled).float().cpu()
