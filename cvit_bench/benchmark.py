@@ -115,7 +115,7 @@ def bench_method(suite: Suite, name: str, model_dir, base_hash: str, train_chunk
     method = build_method(name, {}, suite.method_defaults.get(name))
     declare_suite_tasks(method, suite)
     if method.needs_clip():
-        method.bind_clip(ClipFeatures(*prepare_clip(suite, model_dir, base_hash)))
+        method.bind_clip(ClipFeatures(prepare_clip(suite, model_dir, base_hash)[0]))
     model = method.wrap_model(model, suite.task_names)
     method.bind_tokenizer(processor.tokenizer)
     collator = Collator(processor)

@@ -349,7 +349,8 @@ def prepare(
     """Find the suite's base checkpoint (the shipped one, or the cached build), or build it; the same for the tiny CLIP
     the suite names (``model.clip``), which hide and modalprompt read."""
     from cvit_bench.models.base_checkpoint import compare_with_shipped, prepare_base, ship
-    from cvit_bench.models.clip_towers import compare_with_shipped_clip, prepare_clip, ship_clip
+    from cvit_bench.models.clip_towers import clip_source, compare_with_shipped_clip, prepare_clip, ship_clip
+    from cvit_bench.suites.schema import ClipRecipe
 
     if ship_it and not rebuild:
         fail(ConfigError("--ship needs --rebuild: only a base built from scratch here is shipped"))
@@ -364,7 +365,7 @@ def prepare(
         if ship_it:
             directory = ship(loaded, directory, digest)
         console.print(f"base checkpoint {digest}: {directory}")
-        if "clip" in loaded.model:
+        if isinstance(clip_source(loaded), ClipRecipe) and "clip" in loaded.model:  # a named checkpoint is not built here
             with _progress() as progress:
                 reporter = RichReporter(progress)
                 progress.update(reporter.task_id, description="tiny CLIP (contrastive text side)")

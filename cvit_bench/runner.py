@@ -411,14 +411,14 @@ def clear_run(run_dir: Path) -> None:
     shutil.rmtree(run_dir / ADAPTERS_DIR, ignore_errors=True)
 
 
-def _check_same_setup(run_dir: Path, what: str, saved: dict[str, Any], config: dict[str, Any], seed: int) -> None:
+def _check_same_setup(run_dir: Path, what: str, saved: dict[str, Any], config: dict[str, Any], seed: int,
+                      remedy: str = "pass --fresh to discard it, or --run-id to write elsewhere") -> None:
     differences = config_differences(saved.get("config") or {}, config)
     if saved.get("seed") != seed:
         differences.insert(0, "seed")
     if differences:
         raise ConfigError(
-            f"{run_dir}: its {what} was made with a different configuration (differs in: {', '.join(differences)}); "
-            "pass --fresh to discard it, or --run-id to write elsewhere"
+            f"{run_dir}: its {what} was made with a different configuration (differs in: {', '.join(differences)}); {remedy}"
         )
 
 
@@ -682,8 +682,14 @@ def reevaluate_stage(run_dir: Path, stage: int, reporter: Reporter | None = None
     if options.threads:
         torch.set_num_threads(options.threads)
     data = materialize(options.suite, options.seed, options.data_root)
-    model_dir, base_hash = (Path(options.model), "") if options.model is not None else prepare_base(options.suite, report=reporter.step)
+    model_dir, base_hash = ((Path(options.model), f"external:{options.model}") if options.model is not None
+                            else prepare_base(options.suite, report=reporter.step))
     clip = prepare_clip(options.suite, model_dir, base_hash) if method.needs_clip() else None
+    finished = run_dir / "results.json"
+    if finished.is_file():  # the weights were trained under this setup; today's suite or defaults may differ
+        _check_same_setup(run_dir, "results.json", read_json(finished).get("run_info", {}),
+                          resolved_config(options, method, data, base_hash, steps_per_task, clip), options.seed,
+                          "its stage weights cannot be evaluated under this tree's setup (check out the commit the run recorded)")
     seed_everything(options.seed)
     processes = Processes()
     model, collator, plan, _ = build_run_model(options, method, data, model_dir, processes, clip)
@@ -692,7 +698,6 @@ def reevaluate_stage(run_dir: Path, stage: int, reporter: Reporter | None = None
     evaluated = plan.scheduled(rows, len(options.suite.task_names), options.suite.evaluation)
     with precision_for(parse_dtype(options.dtype), options.mixed_precision).autocast(processes.device):
         scores, facts, _ = evaluate_all(model, method, collator, evaluated, options.suite.evaluation.batch_size, stage, reporter)
-    finished = run_dir / "results.json"
     recorded = read_json(finished)["matrices"] if finished.is_file() else {}
     sets = []
     for group, per_set in scores.items():
@@ -719,7 +724,7 @@ def build_run_model(options: RunOptions, method: Method, data: SuiteData, model_
     base_weights = {id(p) for p in base_model.parameters()}
     declare_suite_tasks(method, options.suite)
     if clip is not None:
-        method.bind_clip(ClipFeatures(*clip, device=processes.device, dtype=dtype))
+        method.bind_clip(ClipFeatures(clip[0], device=processes.device, dtype=dtype))
     model = method.wrap_model(base_model, options.suite.task_names)
     fp32_trained_weights(model)
     if processes.shard_frozen:

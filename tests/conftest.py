@@ -111,7 +111,7 @@ def with_clip(method, suite):
     from cvit_bench.models.clip_towers import ClipFeatures, prepare_clip
 
     if method.needs_clip():
-        method.bind_clip(ClipFeatures(*prepare_clip(suite, *prepare_base(suite))))
+        method.bind_clip(ClipFeatures(prepare_clip(suite, *prepare_base(suite))[0]))
     return method
 
 

@@ -3,6 +3,7 @@ real suite names its checkpoint; only the methods that read it carry it in their
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ def test_the_tiny_clip_is_the_bases_tower_with_a_text_side_pooled_at_the_end_tok
     tower = {name.removeprefix("vision_tower."): tensor for name, tensor in base.items() if name.startswith("vision_tower.")}
     assert tower and all(torch.equal(clip[f"vision_model.{name}"], tensor) for name, tensor in tower.items() if "post_layernorm" not in name), \
         "every tower weight LLaVA reads is the base's, bit for bit"
-    features = ClipFeatures(source, digest)
+    features = ClipFeatures(source)
     assert features.image_width == features.text_width == features.model.config.text_config.hidden_size
 
     texts = ["Read the text.", "What colour is the star in this picture?"]
@@ -46,6 +47,8 @@ def test_the_tiny_clip_is_the_bases_tower_with_a_text_side_pooled_at_the_end_tok
     assert (ids[:, 0] == features.tokenizer.bos_token_id).all()
     ends = (ids == features.tokenizer.eos_token_id).int().argmax(-1)
     assert torch.equal(ends + 1, mask.sum(-1)), "each text ends with the end token, the pooled position"
+    long_ids, long_mask = ClipFeatures.tokenize_with(features.tokenizer, [" ".join(["star"] * 200)], features.max_length)
+    assert long_ids.shape[1] == features.max_length and long_ids[0, -1] == features.tokenizer.eos_token_id, "truncation keeps </s>"
     hidden = features.model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.allclose(features.text(texts), hidden[torch.arange(2), ends], atol=1e-6)
 
@@ -94,10 +97,21 @@ def test_a_shipped_clip_is_checked_against_its_recipe_its_base_and_its_weights(t
         prepare_clip(suite, base_dir, base_hash)
 
 
-def test_a_real_suite_names_its_clip_checkpoint_and_a_local_one_loads(tmp_path, smoke_setup):
+def test_a_real_suite_names_its_clip_checkpoint_found_before_a_run_writes_anything(tmp_path, smoke_setup, monkeypatch):
     coin = load_suite("coin")
     assert clip_source(coin) == "openai/clip-vit-large-patch14-336"
+    fetched = []
+    monkeypatch.setattr(clip_towers, "AutoConfig", SimpleNamespace(from_pretrained=fetched.append))  # the hub, reachable
     assert prepare_clip(coin, tmp_path, "external:x") == ("openai/clip-vit-large-patch14-336", "external:openai/clip-vit-large-patch14-336")
+    assert fetched == ["openai/clip-vit-large-patch14-336"]
+
+    def unreachable(name):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(clip_towers, "AutoConfig", SimpleNamespace(from_pretrained=unreachable))
+    with pytest.raises(SuiteError, match=r"coin.yaml: model.clip: 'openai/clip-vit-large-patch14-336' is neither a folder"):
+        prepare_clip(coin, tmp_path, "external:x")
+
     raw = yaml.safe_load((SUITES_DIR / "coin.yaml").read_text())
     del raw["model"]
     path = tmp_path / "coin-no-clip.yaml"
@@ -106,14 +120,21 @@ def test_a_real_suite_names_its_clip_checkpoint_and_a_local_one_loads(tmp_path, 
         prepare_clip(load_suite(str(path)), tmp_path, "external:x")
     raw["model"] = {"clip": {"steps": 3}}
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(SuiteError, match="model.clip: expected the name or path"):
+    with pytest.raises(SuiteError, match="coin-no-clip.yaml: model.clip: expected the name or path"):
         load_suite(str(path))
-    with pytest.raises(SuiteError, match=r"unknown key\(s\) \['step'\]"):
-        clip_source(load_suite(str(_shipping_suite(tmp_path, step=3))))
+    with pytest.raises(SuiteError, match=r"model.clip: unknown key\(s\) \['step'\]"):
+        load_suite(str(_shipping_suite(tmp_path, step=3)))
+    with pytest.raises(SuiteError, match=r"model.clip.steps: expected a positive value, got 0"):
+        load_suite(str(_shipping_suite(tmp_path, steps=0)))
 
-    suite, model_dir, _ = smoke_setup  # a checkpoint saved with save_pretrained loads by its path, as a hub name would
+    suite, model_dir, _ = smoke_setup  # a checkpoint saved with save_pretrained, named by a path relative to the suite
     local, _ = prepare_clip(suite, *prepare_base(suite))
-    assert isinstance(ClipFeatures(local, f"external:{local}").model, CLIPModel)
+    (tmp_path / "my-clip").symlink_to(local)
+    raw["model"] = {"clip": "my-clip"}
+    path.write_text(yaml.safe_dump(raw))
+    found, digest = prepare_clip(load_suite(str(path)), tmp_path, "external:x")
+    assert (found, digest) == (str(tmp_path / "my-clip"), "external:my-clip")
+    assert isinstance(ClipFeatures(found).model, CLIPModel)
 
 
 def test_only_the_methods_that_read_clip_carry_it_in_their_setup():

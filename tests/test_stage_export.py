@@ -14,6 +14,7 @@ from cvit_bench.io import read_json
 from cvit_bench.models.backend import load_processor
 from cvit_bench.checkpoint import load_checkpoint, load_stage_weights, model_tensors
 from cvit_bench.distributed import Processes
+from cvit_bench.models.clip_towers import prepare_clip
 from cvit_bench.runner import RunOptions, build_eval_plan, build_method, build_run_model, reevaluate_stage, run
 from cvit_bench.suites.materialize import materialize
 from cvit_bench.suites.schema import load_suite
@@ -26,7 +27,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("method", ["seqlora", "branchlora"])  # a peft adapter; mixture adapters, routers and selector state
+# a peft adapter; mixture adapters, routers and selector state; experts with CLIP anchors (the CLIP bound again at eval)
+@pytest.mark.parametrize("method", ["seqlora", "branchlora", "hide"])
 def test_exported_stage_weights_restore_the_stage_and_reevaluate_to_its_row(method, short_suite, tmp_path, one_thread):
     path, model_dir = short_suite
     options = RunOptions(load_suite(str(path)), method, 0, tmp_path, model=str(model_dir), threads=one_thread, save_adapters=True)
@@ -36,7 +38,8 @@ def test_exported_stage_weights_restore_the_stage_and_reevaluate_to_its_row(meth
         config = json.loads((run_dir / "adapters" / "stage2" / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA" and (run_dir / "adapters" / "stage2" / "adapter_model.safetensors").is_file()
     rebuilt = build_method(method, {})
-    model, _, _, _ = build_run_model(options, rebuilt, materialize(options.suite, 0), model_dir, Processes())
+    clip = prepare_clip(options.suite, model_dir, f"external:{model_dir}") if rebuilt.needs_clip() else None
+    model, _, _, _ = build_run_model(options, rebuilt, materialize(options.suite, 0), model_dir, Processes(), clip)
     load_stage_weights(run_dir / "adapters" / "stage2", model, rebuilt)
     checkpoint = load_checkpoint(run_dir)
     assert checkpoint.stage == 2
@@ -62,6 +65,11 @@ def test_eval_command_prints_the_row_and_names_a_missing_stage(short_suite, tmp_
     plain = run(RunOptions(load_suite(str(path)), "seqlora", 1, tmp_path, model=str(model_dir), threads=one_thread))
     unexported = runner.invoke(app, ["eval", str(plain), "--stage", "1"])
     assert unexported.exit_code == 2 and "was the run started with --save-adapters?" in unexported.output
+    results = read_json(run_dir / "results.json")
+    results["run_info"]["config"]["method_config"]["lr"] = 0.5  # as if the suite's defaults had changed since the run
+    (run_dir / "results.json").write_text(json.dumps(results))
+    changed = runner.invoke(app, ["eval", str(run_dir), "--stage", "1"])
+    assert changed.exit_code == 2 and "differs in: method_config" in changed.output and "cannot be evaluated" in " ".join(changed.output.split())
 
 
 def test_predictions_carry_the_prompt_as_sent_and_the_extracted_answer(short_suite, tmp_path, one_thread):

@@ -172,7 +172,7 @@ class ModalPrompt(Method):
 
     def bind_clip(self, clip: ClipFeatures) -> None:
         if clip.image_width != clip.text_width:
-            raise ConfigError(f"modalprompt: one prototype is compared with CLIP's projected image embedding ({clip.image_width} wide) "
+            raise ConfigError(f"modalprompt: {clip.source}: one prototype is compared with CLIP's projected image embedding ({clip.image_width} wide) "
                               f"and its unprojected text output ({clip.text_width} wide); this CLIP's widths differ")
         self.clip = clip
 

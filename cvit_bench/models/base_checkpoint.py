@@ -173,16 +173,16 @@ def weights_sha256(directory: Path) -> str:
 def _load_shipped(suite: Suite, directory: Path) -> tuple[Path, str]:
     """The shipped base, refused when its manifest is missing, its recipe is not this suite's, or its weights changed."""
     digest = base_checkpoint_hash(suite)
-    verify_shipped(directory, MANIFEST, digest, f"cvit-bench prepare --suite {suite.name} --rebuild --ship")
+    verify_shipped(directory, MANIFEST, digest, f"cvit-bench prepare --suite {suite.name} --rebuild --ship", f"{suite.path}: model.shipped")
     return directory, digest
 
 
-def verify_shipped(directory: Path, manifest_name: str, digest: str, rebuild_command: str) -> dict:
+def verify_shipped(directory: Path, manifest_name: str, digest: str, rebuild_command: str, field: str) -> dict:
     """The manifest of a shipped artifact (the base, its CLIP), refused when missing, of another recipe than ``digest``,
-    or when the weights' SHA-256 is not the one it records."""
+    or when the weights' SHA-256 is not the one it records; ``field`` is the suite file and field that named it."""
     manifest_path = directory / manifest_name
     if not manifest_path.is_file():
-        raise SuiteError([f"{manifest_path} is missing; build it with `{rebuild_command}`"])
+        raise SuiteError([f"{field}: {manifest_path} is missing; build it with `{rebuild_command}`"])
     manifest = read_json(manifest_path)
     if manifest.get("hash") != digest:
         raise SuiteError([f"{manifest_path}: hash: the shipped files were built from another recipe ({manifest.get('hash')}; "

@@ -17,14 +17,13 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoProcessor, AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, LlavaForConditionalGeneration
 from tokenizers.processors import TemplateProcessing
 
 from cvit_bench.io import publish_tree
@@ -34,29 +33,11 @@ from cvit_bench.models.base_checkpoint import (
 from cvit_bench.paths import cache_dir, config_hash
 from cvit_bench.registry import ConfigError
 from cvit_bench.suites import synthetic
-from cvit_bench.suites.schema import Suite, SuiteError
+from cvit_bench.suites.schema import ClipRecipe, Suite, SuiteError, clip_setting
 
 MANIFEST = "clip.json"
 REPORT_EVERY = 50
 HELD_OUT = 512  # scenes kept out of training to measure retrieval
-
-
-@dataclass(frozen=True)
-class ClipRecipe:
-    """How the tiny CLIP's text side is built (``model.clip`` of an embedded suite; every field optional)."""
-
-    shipped: str | None = None  # a folder under cvit_bench/bases/ that holds the built CLIP
-    text_layers: int = 2
-    text_heads: int = 4
-    max_positions: int = 77  # CLIP's context length
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 2e-3
-    scenes: int = 16000  # 2000 steps on 16000 scenes: 74 % held-out top-1 of 512 (800 on 8000: 65 %)
-    seed: int = 0
-
-    def hashed(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if key != "shipped"}
 
 
 def alt_text(scene: synthetic.Scene) -> str:
@@ -75,24 +56,12 @@ def alt_text(scene: synthetic.Scene) -> str:
 
 def clip_source(suite: Suite) -> str | ClipRecipe:
     """What ``model.clip`` names: a checkpoint (a hub name or a path; a real suite must name one) or the recipe of the tiny
-    CLIP built on the run's own model (embedded suites; every field optional)."""
-    raw = suite.model.get("clip")
-    if isinstance(raw, str) and raw:
-        return raw
-    if suite.data_source == "llava":
+    CLIP built on the run's own model (embedded suites; the default recipe when absent)."""
+    source = clip_setting(str(suite.path), suite.model.get("clip"), real=suite.data_source == "llava")
+    if source is None and suite.data_source == "llava":
         raise SuiteError([f"{suite.path}: model.clip: name the CLIP checkpoint of the model's vision tower (a hub name or a "
                           f"path, e.g. openai/clip-vit-large-patch14-336); this method reads CLIP features"])
-    raw = raw or {}
-    allowed = sorted(f.name for f in fields(ClipRecipe))
-    if not isinstance(raw, dict):
-        raise SuiteError([f"{suite.path}: model.clip: expected a checkpoint's name or a mapping of {allowed}, not {raw!r}"])
-    unknown = sorted(set(raw) - set(allowed))
-    if unknown:
-        raise SuiteError([f"{suite.path}: model.clip: unknown key(s) {unknown} (allowed: {allowed})"])
-    recipe = ClipRecipe(**raw)
-    if recipe.shipped is not None and (not recipe.shipped or "/" in recipe.shipped or "\\" in recipe.shipped or recipe.shipped.startswith(".")):
-        raise SuiteError([f"{suite.path}: model.clip.shipped: expected the name of a folder under {SHIPPED_DIR}, got {recipe.shipped!r}"])
-    return recipe
+    return source or ClipRecipe()
 
 
 def tiny_clip_hash(recipe: ClipRecipe, base_hash: str) -> str:
@@ -106,11 +75,12 @@ def prepare_clip(suite: Suite, base_dir: Path, base_hash: str, *,
     or the cached build, built if absent."""
     source = clip_source(suite)
     if isinstance(source, str):
-        return source, f"external:{source}"
+        return _resolve_checkpoint(suite, source), f"external:{source}"
     digest = tiny_clip_hash(source, base_hash)
     if source.shipped is not None and not rebuild:
         shipped = SHIPPED_DIR / source.shipped
-        manifest = verify_shipped(shipped, MANIFEST, digest, f"cvit-bench prepare --suite {suite.name} --rebuild --ship")
+        manifest = verify_shipped(shipped, MANIFEST, digest, f"cvit-bench prepare --suite {suite.name} --rebuild --ship",
+                                  f"{suite.path}: model.clip.shipped")
         if manifest.get("base_weights_sha256") != weights_sha256(base_dir):
             raise SuiteError([f"{shipped / MANIFEST}: base_weights_sha256: the shipped CLIP was built on other base weights "
                               f"than {base_dir}'s"])
@@ -121,6 +91,20 @@ def prepare_clip(suite: Suite, base_dir: Path, base_hash: str, *,
     if not (target / "config.json").is_file():
         _build(source, base_dir, target, report)
     return str(target), digest
+
+
+def _resolve_checkpoint(suite: Suite, source: str) -> str:
+    """A CLIP checkpoint named by the suite, found (a relative path from the suite's folder, else a hub name whose
+    config is fetched now) before a run writes anything."""
+    local = suite.path.parent / source
+    if local.is_dir():
+        return str(local)
+    try:
+        AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise SuiteError([f"{suite.path}: model.clip: {source!r} is neither a folder next to the suite nor a reachable "
+                          f"checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})"]) from None
+    return source
 
 
 def _build(recipe: ClipRecipe, base_dir: Path, target: Path, report: Callable[[int, float, float], None] | None) -> None:
@@ -220,19 +204,20 @@ def _project_class_token(model: CLIPModel, cls: torch.Tensor) -> torch.Tensor:
 
 
 def _pooled_text(model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """The text encoder's output at the first end-of-text token (CLIP's pooled output), computed here because
-    transformers reads the legacy argmax-of-ids position when the end token's id is 2, as the tiny tokenizer's is."""
+    """The text encoder's output at the first real end-of-text token (CLIP's pooled output; padding, which may be the
+    end token itself, is skipped), computed here because transformers reads the legacy argmax-of-ids position when the
+    end token's id is 2, as the tiny tokenizer's is."""
     hidden = model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    return hidden[torch.arange(len(ids)), (ids == eos_token_id).int().argmax(-1)]
+    return hidden[torch.arange(len(ids)), ((ids == eos_token_id) & mask.bool()).int().argmax(-1)]
 
 
 class ClipFeatures:
     """A frozen CLIP on the run's device: the projected image embedding and the pooled text output, fp32, per sample."""
 
-    def __init__(self, source: str, digest: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, source: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.source = source
         self.model = CLIPModel.from_pretrained(source, dtype=dtype).to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
-        self.hash = digest
         self.max_length = self.model.config.text_config.max_position_embeddings
 
     @property
@@ -248,7 +233,8 @@ class ClipFeatures:
         encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         ids = encoded["input_ids"]
         if not bool((ids == tokenizer.eos_token_id).any(-1).all()):
-            raise ValueError("the CLIP tokenizer must end every text with its end token (the pooled position)")
+            raise ConfigError(f"{tokenizer.name_or_path}: the CLIP tokenizer must end every text with its end token "
+                              f"({tokenizer.eos_token!r}, the pooled position)")
         return ids, encoded["attention_mask"]
 
     @torch.no_grad()
@@ -256,7 +242,7 @@ class ClipFeatures:
         """(samples, projection width): each sample's images embedded, averaged over a sample's few-shot images."""
         side = self.model.config.vision_config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (side, side):
-            raise ConfigError(f"CLIP features need the images as (n, channels, {side}, {side}) pixels, as a LLaVA processor for this CLIP "
+            raise ConfigError(f"{self.source}: CLIP features need the images as (n, channels, {side}, {side}) pixels, as a LLaVA processor for this CLIP "
                               f"gives them; this model's processor gives shape {tuple(pixel_values.shape)} (Qwen2-VL's flattened patches "
                               f"cannot be read by a CLIP tower)")
         parameter = next(self.model.parameters())
