@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 import cvit_bench.runner as runner_module
 from cvit_bench.cli import app
 from cvit_bench.io import atomic_write_json, read_json
+from cvit_bench.models.base_checkpoint import prepare_base
+from cvit_bench.models.clip_towers import prepare_clip
 from cvit_bench.paths import config_hash
 from cvit_bench.registry import ConfigError
 from cvit_bench.reporting.leaderboard import rebuild_leaderboards
@@ -145,7 +147,8 @@ def test_committed_runs_keep_their_config_hash_and_request(path):
                          **{key: request[key] for key in runner_module.BACKEND_OPTIONS if key in request})
     method = build_method(options.method, options.method_overrides, options.suite.method_defaults.get(options.method))
     data = SuiteData(Path("."), data_hash="d", recipe_hash=info["data_recipe_hash"])
-    config = resolved_config(options, method, data, info["base_checkpoint_hash"], info["config"]["steps_per_task"])
+    clip = prepare_clip(options.suite, *prepare_base(options.suite)) if method.needs_clip() else None  # the shipped CLIP
+    config = resolved_config(options, method, data, info["base_checkpoint_hash"], info["config"]["steps_per_task"], clip)
     assert config_hash(config) == info["config_hash"] and options.request() == request
 
 
