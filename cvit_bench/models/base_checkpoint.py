@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
@@ -47,6 +47,7 @@ PLAIN = Phrasing("pretrain/plain", "{question}", "sentence")
 BUILD_THREADS = 2
 SHIPPED_DIR = shipped(BASES)
 MANIFEST = "base.json"
+T = TypeVar("T")
 WEIGHTS = "model.safetensors"
 
 
@@ -196,20 +197,30 @@ def _build(suite: Suite, target: Path, digest: str, report: Callable[[int, float
     """Build the base whose hash is ``digest`` into ``target`` (written under a temporary name, then renamed)."""
     tiny, pretrain = tiny_configs(suite)
     data = materialize_pretrain_corpus(suite, pretrain.size, pretrain.corpus)
+    model, processor = at_build_threads(lambda: _pretrain(suite, tiny, pretrain, data, digest, report))
+    publish_build(target, lambda staging: save_tiny(model, processor, staging))
+
+
+def at_build_threads(build: Callable[[], T]) -> T:
+    """``build()`` at :data:`BUILD_THREADS` torch threads (the trained weights depend on the count), the caller's restored after."""
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        model, processor = _pretrain(suite, tiny, pretrain, data, digest, report)
+        return build()
     finally:
         torch.set_num_threads(caller_threads)
+
+
+def publish_build(target: Path, save: Callable[[Path], None]) -> None:
+    """A build saved by ``save`` into a temporary folder beside ``target``, given plain permissions, then renamed to ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        save_tiny(model, processor, staging)
+        save(staging)
         publish_tree(staging)
         try:
             staging.rename(target)
-        except OSError:  # another process finished the same checkpoint first; it is identical and may be in use
+        except OSError:  # another process finished the same build first; it is identical and may be in use
             if not (target / "config.json").is_file():
                 raise
     finally:

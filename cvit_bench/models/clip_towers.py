@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,9 +25,8 @@ from torch.nn import functional as F
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, LlavaForConditionalGeneration
 from tokenizers.processors import TemplateProcessing
 
-from cvit_bench.io import publish_tree
 from cvit_bench.models.base_checkpoint import (
-    BUILD_THREADS, SHIPPED_DIR, compare_weights, publish_shipped, verify_shipped, weights_sha256,
+    BUILD_THREADS, SHIPPED_DIR, at_build_threads, compare_weights, publish_build, publish_shipped, verify_shipped, weights_sha256,
 )
 from cvit_bench.paths import cache_dir, config_hash
 from cvit_bench.registry import ConfigError
@@ -108,26 +106,14 @@ def _resolve_checkpoint(suite: Suite, source: str) -> str:
 
 
 def _build(recipe: ClipRecipe, base_dir: Path, target: Path, report: Callable[[int, float, float], None] | None) -> None:
-    caller_threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)  # as the base: the weights depend on the thread count
-    try:
-        model, tokenizer, retrieval = build_tiny_clip(recipe, base_dir, report)
-    finally:
-        torch.set_num_threads(caller_threads)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    model, tokenizer, retrieval = at_build_threads(lambda: build_tiny_clip(recipe, base_dir, report))
+
+    def save(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "retrieval.txt").write_text(f"{retrieval:.4f}\n")
-        publish_tree(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process built the same CLIP first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    publish_build(target, save)
 
 
 def build_tiny_clip(recipe: ClipRecipe, base_dir: Path,
@@ -159,7 +145,8 @@ def build_tiny_clip(recipe: ClipRecipe, base_dir: Path,
         cls = torch.cat([_class_token(model, processor(images=[synthetic.render(s, tower.config.image_size) for s in scenes[i:i + 256]],
                                                                 return_tensors="pt")["pixel_values"])
                          for i in range(0, len(scenes), 256)])
-    ids, mask = ClipFeatures.tokenize_with(tokenizer, [alt_text(s) for s in scenes], recipe.max_positions)
+    captions = [alt_text(s) for s in scenes]
+    ids, mask = ClipFeatures.tokenize_with(tokenizer, captions, recipe.max_positions)
     train, held = slice(0, recipe.scenes), slice(recipe.scenes, None)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=0.1)
@@ -190,8 +177,8 @@ def build_tiny_clip(recipe: ClipRecipe, base_dir: Path,
     with torch.no_grad():
         image = F.normalize(_project_class_token(model, cls[held]), dim=-1)
         text = F.normalize(model.text_projection(_pooled_text(model, ids[held], mask[held], tokenizer.eos_token_id)), dim=-1)
-        captions = [alt_text(s) for s in scenes[held]]
-        hits = [captions[j] == captions[i] for i, j in enumerate((image @ text.T).argmax(-1).tolist())]
+        held_captions = captions[held]
+        hits = [held_captions[j] == held_captions[i] for i, j in enumerate((image @ text.T).argmax(-1).tolist())]
     return model, tokenizer, sum(hits) / len(hits)
 
 
