@@ -343,6 +343,8 @@ class Progress:
 # Methods whose suite defaults were added after cvit-v2's rows were published: only their own runs record them, so
 # adding a method to a suite leaves every published run's config hash as it was.
 METHOD_DEFAULTS_ADDED_LATER = frozenset({"clmoe", "hide", "sefe", "modalprompt"})
+# Keys added to a method's suite defaults after the rows were published: likewise recorded only by that method's runs.
+METHOD_DEFAULT_KEYS_ADDED_LATER = {"branchlora": frozenset({"image_feature"})}
 
 
 def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_hash: str, steps_per_task: int | None,
@@ -352,8 +354,10 @@ def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_h
     suite = _setup_only(json.loads(json.dumps(dataclasses.asdict(options.suite), default=str)))
     if clip is None:
         suite["model"].pop("clip", None)
-    suite["method_defaults"] = {name: defaults for name, defaults in suite["method_defaults"].items()
-                                if name == options.method or name not in METHOD_DEFAULTS_ADDED_LATER}
+    suite["method_defaults"] = {
+        name: defaults if name == options.method else {k: v for k, v in defaults.items() if k not in METHOD_DEFAULT_KEYS_ADDED_LATER.get(name, ())}
+        for name, defaults in suite["method_defaults"].items() if name == options.method or name not in METHOD_DEFAULTS_ADDED_LATER
+    }
     if not suite["method_defaults"]:  # suites from before method defaults keep their config hash
         del suite["method_defaults"]
     suite["training"] = _without_later_defaults(suite["training"], TrainingConfig.ADDED_LATER)
