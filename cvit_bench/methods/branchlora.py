@@ -16,9 +16,10 @@ output go stale as later stages train it (the selector then collapses onto the n
 task), so the default image feature is the frozen vision tower's mean patch feature
 (``image_feature="vision"``, the projector's input) and the text feature the mean of the
 frozen input embeddings of the prompt's text tokens; no stage trains either. Where a
-suite's tasks share one image distribution (cvit-v2: one scene generator) the image key
-cannot tell them apart and ``image_feature="none"`` lets the text key select alone,
-recorded in each stage's ``deviations``. The paper
+suite's tasks share one image distribution the image key cannot tell them apart and
+``image_feature="none"`` lets the text key select alone, recorded in each stage's
+``deviations``: cvit-v2 (one scene generator) sets it in its suite defaults, because summed
+with the text key the image key cost its selector up to 11 points. The paper
 fits keys with L_align = Σ(1 − cos(e, k)); its minimiser over a task's data is the mean
 of the normalised features, so ``key_fit="mean"`` sets each key to exactly that after its
 stage (fitted to convergence in closed form); ``key_fit="loss"`` trains keys by λ·L_align
