@@ -521,6 +521,19 @@ def test_caption_mean_is_ucits_average_of_seven_metrics_matched_by_order():
     assert "SPICE" in result.skipped
 
 
+def test_one_meteor_process_serves_every_set_and_carries_nothing_between_them():
+    """The Java tool starts once per process; a set scored after another scores as it does in a fresh process."""
+    first = ["a brown dog runs across green grass", "two children play football in a park"]
+    other = ["an old man reads the newspaper", "a red car parks by the station"]
+    scoring._meteor_tool.cache_clear()
+    fresh = score_task("caption_mean", first, [{"answers": [c]} for c in reversed(first)])
+    tool = scoring._meteor_tool()
+    score_task("caption_mean", other, [{"answers": [c]} for c in other])
+    again = score_task("caption_mean", first, [{"answers": [c]} for c in reversed(first)])
+    assert scoring._meteor_tool() is tool
+    assert again.extra["METEOR"] == fresh.extra["METEOR"] and again.per_sample == fresh.per_sample
+
+
 def test_score_task_cider_single_ref():
     samples = [{"answers": ["dog"]}, {"answers": ["cat"]}]
     result = score_task("cider_single_ref", ["dog", "dog"], samples)

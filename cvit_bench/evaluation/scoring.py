@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -382,13 +382,23 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
     return _meteor_scores(gts, res)[0]
 
 
-def _meteor_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float, list[float]]:
-    """METEOR of the corpus (the Java tool's aggregate, not the mean of the segments) and of each sample."""
+@cache
+def _meteor_tool() -> Any:
+    """One METEOR Java process per Python process: starting one loads its paraphrase table (about 5 s), and
+    each call sends its own segments and aggregate, so nothing carries over between sets."""
     from pycocoevalcap.meteor.meteor import Meteor
 
-    scorer = Meteor()
+    return Meteor()
+
+
+def _meteor_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float, list[float]]:
+    """METEOR of the corpus (the Java tool's aggregate, not the mean of the segments) and of each sample."""
+    scorer = _meteor_tool()
     try:
         score, scores = scorer.compute_score(gts, res)
+    except BaseException:
+        _meteor_tool.cache_clear()  # the process may be mid-reply: the next call starts a fresh one
+        raise
     finally:
         # Meteor.compute_score holds a lock it never releases on error, and Meteor.__del__ waits
         # on that lock: release it so a failed METEOR cannot hang garbage collection.
