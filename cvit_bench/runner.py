@@ -354,10 +354,9 @@ def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_h
     suite = _setup_only(json.loads(json.dumps(dataclasses.asdict(options.suite), default=str)))
     if clip is None:
         suite["model"].pop("clip", None)
-    suite["method_defaults"] = {
-        name: defaults if name == options.method else {k: v for k, v in defaults.items() if k not in METHOD_DEFAULT_KEYS_ADDED_LATER.get(name, ())}
-        for name, defaults in suite["method_defaults"].items() if name == options.method or name not in METHOD_DEFAULTS_ADDED_LATER
-    }
+    suite["method_defaults"] = {name: defaults if name == options.method else _as_published(name, defaults)
+                                for name, defaults in suite["method_defaults"].items()
+                                if name == options.method or name not in METHOD_DEFAULTS_ADDED_LATER}
     if not suite["method_defaults"]:  # suites from before method defaults keep their config hash
         del suite["method_defaults"]
     suite["training"] = _without_later_defaults(suite["training"], TrainingConfig.ADDED_LATER)
@@ -375,6 +374,12 @@ def resolved_config(options: RunOptions, method: Method, data: SuiteData, base_h
         "data_recipe_hash": data.recipe_hash,
         **options._backend_options(),
     })
+
+
+def _as_published(method: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Another method's suite defaults as its rows were published: the keys added since are left out."""
+    later = METHOD_DEFAULT_KEYS_ADDED_LATER.get(method, frozenset())
+    return {key: value for key, value in defaults.items() if key not in later}
 
 
 def _without_later_defaults(section: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:

@@ -47,8 +47,8 @@ PLAIN = Phrasing("pretrain/plain", "{question}", "sentence")
 BUILD_THREADS = 2
 SHIPPED_DIR = shipped(BASES)
 MANIFEST = "base.json"
-T = TypeVar("T")
 WEIGHTS = "model.safetensors"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
